@@ -1,0 +1,136 @@
+"""A fitted detector: front end + encoder + standardiser + scorers + fusion + threshold.
+
+The one scoring path for evaluate, replay and the daemon: `score_windows` takes a batch of
+16 kHz mono windows and returns one score per window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monitor.artifact import Artifact, load_artifact
+from monitor.audio import SAMPLE_RATE_HZ, LogMel, MelParams
+from monitor.encoders.base import Encoder
+from monitor.encoders.registry import build_encoder
+from monitor.errors import ArtifactError, UsageError
+from monitor.scorers import SCORERS, Fusion, Scorer, Standardizer
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+class Detector:
+    def __init__(self, encoder: Encoder, standardizer: Standardizer, scorers: dict[str, Scorer],
+                 fusion: Fusion, threshold: float, manifest: dict, device: torch.device):
+        self.encoder = encoder
+        self.standardizer = standardizer
+        self.scorers = scorers
+        self.fusion = fusion
+        self.threshold = float(threshold)
+        self.manifest = manifest
+        self.device = device
+        self.sample_rate_hz = int(manifest.get("sample_rate_hz", SAMPLE_RATE_HZ))
+        self.window_s = float(manifest.get("window_s", 10.0))
+        self.name = manifest.get("name") or f"{manifest['encoder']['name']}+" + "+".join(scorers)
+        self._log_mel: LogMel | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "auto") -> Detector:
+        return cls.from_artifact(load_artifact(path), device)
+
+    @classmethod
+    def from_artifact(cls, art: Artifact, device: str | torch.device = "auto") -> Detector:
+        dev = resolve_device(device)
+        m = art.manifest
+        where = art.path / "manifest.json"
+        if int(m["sample_rate_hz"]) != SAMPLE_RATE_HZ:
+            raise ArtifactError(
+                f"{where}: trained at {m['sample_rate_hz']} Hz but this harken runs at "
+                f"{SAMPLE_RATE_HZ} Hz; retrain the model"
+            )
+        try:
+            encoder = build_encoder(m["encoder"], dev)
+            std = Standardizer(art.tensors["standardizer.mean"], art.tensors["standardizer.std"])
+            scorers: dict[str, Scorer] = {}
+            for cfg in m["scorers"]:
+                prefix = f"scorer.{cfg['name']}."
+                own = {k[len(prefix):]: v for k, v in art.tensors.items() if k.startswith(prefix)}
+                scorers[cfg["name"]] = SCORERS[cfg["name"]].from_state(cfg, own)
+        except KeyError as exc:
+            raise ArtifactError(f"{where}: missing entry {exc} (artifact incomplete or corrupted)") from None
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
+        if std.mean.shape[0] != encoder.embedding_dim:
+            raise ArtifactError(
+                f"{where}: normalisation has {std.mean.shape[0]} dims but encoder "
+                f"{m['encoder']['name']} gives {encoder.embedding_dim}"
+            )
+        for s in scorers.values():
+            if hasattr(s, "model"):
+                s.model.to(dev)
+        fusion = Fusion.from_json(m.get("fusion", {"method": "mean", "stats": {}}))
+        return cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev)
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def embed(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(batch, samples) 16 kHz -> (batch, dim) raw embeddings on the detector's device."""
+        waves = torch.as_tensor(windows, dtype=torch.float32).to(self.device, non_blocking=True)
+        if waves.ndim != 2:
+            raise UsageError(f"expected (batch, samples) windows, got shape {tuple(waves.shape)}")
+        return self.encoder(waves).vector.float()
+
+    @torch.inference_mode()
+    def score_embeddings(self, emb: torch.Tensor,
+                         machine_ids: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
+        """Per-scorer scores plus the fused `score` for a batch of raw embeddings."""
+        ids = list(machine_ids) if machine_ids is not None else [None] * emb.shape[0]
+        z = self.standardizer(emb.to(self.device))
+        parts = {name: s.score(z, ids) for name, s in self.scorers.items()}
+        return {**parts, "score": self.fusion.combine(parts)}
+
+    def score_windows(self, windows: np.ndarray,
+                      machine_ids: Sequence[int | None] | None = None) -> np.ndarray:
+        """(batch, samples) float32 16 kHz -> (batch,) float64 scores; higher = more anomalous."""
+        if len(windows) == 0:
+            return np.zeros(0)
+        out = self.score_embeddings(self.embed(windows), machine_ids)["score"]
+        return out.double().cpu().numpy()
+
+    # ------------------------------------------------------------------ evidence
+
+    def log_mel(self, window: np.ndarray) -> np.ndarray:
+        """(samples,) -> (128, frames) log-mel for plots."""
+        if self._log_mel is None:
+            self._log_mel = LogMel(MelParams())
+        with torch.inference_mode():
+            return self._log_mel(torch.as_tensor(window, dtype=torch.float32)[None])[0].numpy()
+
+    @torch.inference_mode()
+    def error_map(self, window: np.ndarray) -> np.ndarray | None:
+        """(n_mels, frames) squared reconstruction error where the model reconstructs a
+        time-frequency image (the mel+mlp baseline); None otherwise."""
+        recon = self.scorers.get("recon")
+        if recon is None or self.manifest["encoder"]["name"] != "mel":
+            return None
+        emb = self.embed(window[None])
+        z = self.standardizer(emb)
+        err = (recon.model(z) - z) ** 2
+        frames = self.manifest["encoder"].get("image_frames", 64)
+        return err.reshape(-1, frames).cpu().numpy()

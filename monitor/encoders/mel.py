@@ -1,0 +1,41 @@
+"""`mel`: the seed's log-mel image, the input of its MLP autoencoder baseline.
+
+No weights: the clip's log-mel (128 bands x 1001 frames) is average-pooled over time to a
+128 x 64 image and flattened to 8192 values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monitor.audio import LogMel, MelParams
+from monitor.encoders.base import Embedding
+
+
+class MelImageEncoder(nn.Module):
+    name = "mel"
+
+    def __init__(self, params: MelParams = MelParams(), image_frames: int = 64):
+        super().__init__()
+        self.params = params
+        self.image_frames = image_frames
+        self.log_mel = LogMel(params)
+        self.embedding_dim = params.n_mels * image_frames
+
+    def image(self, waves: torch.Tensor) -> torch.Tensor:
+        # (batch, samples) -> (batch, n_mels, frames) -> (batch, n_mels, image_frames)
+        mel = self.log_mel(waves)
+        return nn.functional.adaptive_avg_pool1d(mel, self.image_frames)
+
+    def forward(self, waves: torch.Tensor) -> Embedding:
+        img = self.image(waves)
+        return Embedding(vector=img.flatten(1), feature_map=img.unsqueeze(1))
+
+    def spec(self) -> dict:
+        return {"name": self.name, "image_frames": self.image_frames, "mel": self.params.to_json()}
+
+
+def build_mel(spec: dict, device: torch.device) -> MelImageEncoder:
+    params = MelParams(**spec.get("mel", {}))
+    return MelImageEncoder(params, int(spec.get("image_frames", 64))).to(device).eval()

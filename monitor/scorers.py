@@ -1,0 +1,294 @@
+"""Scorers: standardised embeddings (batch, dim) -> anomaly scores (batch,), higher = stranger.
+
+- `recon`: reconstruction error of an autoencoder trained on normal embeddings (the seed's method).
+- `knn`: mean distance to the k nearest normal training embeddings of the same machine ID.
+- `mahalanobis`: distance to the machine ID's normal mean under a Ledoit-Wolf shrunk covariance.
+Each scorer saves its state as named tensors plus a JSON config; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from monitor.errors import ArtifactError, UsageError
+
+POOLED = "all"  # bank used for windows whose machine ID is unknown or was not in training
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, z: torch.Tensor, machine_ids: Sequence[int | None]) -> torch.Tensor: ...
+
+    def config(self) -> dict: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class MLPAutoencoder(nn.Module):
+    """Symmetric MLP autoencoder: dims [in, h1, ..., bottleneck] mirrored back to `in`, ReLU."""
+
+    def __init__(self, dims: Sequence[int]):
+        super().__init__()
+        if len(dims) < 2:
+            raise UsageError(f"an MLP autoencoder needs at least 2 widths, got {list(dims)}")
+        self.dims = [int(d) for d in dims]
+        enc: list[nn.Module] = []
+        for a, b in zip(self.dims[:-1], self.dims[1:]):
+            enc += [nn.Linear(a, b), nn.ReLU()]
+        dec: list[nn.Module] = []
+        rev = self.dims[::-1]
+        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+            dec.append(nn.Linear(a, b))
+            if i < len(rev) - 2:  # linear output: standardised inputs are not non-negative
+                dec.append(nn.ReLU())
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # (batch, in) -> (batch, bottleneck) -> (batch, in)
+        return self.decoder(self.encoder(z))
+
+
+def default_mlp_dims(input_dim: int) -> list[int]:
+    """The seed's widths: 8192 -> ... -> 256 for the log-mel image, 768 -> 256 for AST, etc."""
+    if input_dim == 8192:
+        return [8192, 4096, 2048, 1024, 512, 256]
+    if input_dim >= 2048:
+        return [input_dim, 1024, 512, 256]
+    if input_dim >= 1024:
+        return [input_dim, 512, 256]
+    return [input_dim, max(32, min(256, input_dim // 2))]
+
+
+DECODERS = {"mlp": MLPAutoencoder}
+
+
+class ReconScorer:
+    name = "recon"
+
+    def __init__(self, model: nn.Module, decoder: str, dims: Sequence[int]):
+        self.model = model
+        self.decoder = decoder
+        self.dims = list(dims)
+
+    @classmethod
+    def build(cls, decoder: str, input_dim: int, dims: Sequence[int] | None = None) -> ReconScorer:
+        if decoder not in DECODERS:
+            raise UsageError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
+        dims = list(dims) if dims else default_mlp_dims(input_dim)
+        if dims[0] != input_dim:
+            raise UsageError(f"decoder widths {dims} do not start at the embedding width {input_dim}")
+        return cls(DECODERS[decoder](dims), decoder, dims)
+
+    def score(self, z, machine_ids):
+        # (batch, dim) -> (batch,) mean squared reconstruction error
+        return ((self.model(z) - z) ** 2).mean(dim=1)
+
+    def config(self) -> dict:
+        return {"name": self.name, "decoder": self.decoder, "dims": self.dims}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ae.{k}": v for k, v in self.model.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> ReconScorer:
+        scorer = cls.build(config["decoder"], config["dims"][0], config["dims"])
+        state = {k[3:]: v for k, v in tensors.items() if k.startswith("ae.")}
+        try:
+            scorer.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(f"recon decoder weights do not match its config: {_short(exc)}") from None
+        scorer.model.eval()
+        return scorer
+
+
+# --------------------------------------------------------------------------- distance scorers
+
+
+class _PerIdScorer:
+    """Shared bookkeeping: per machine ID state, pooled fallback for unknown IDs."""
+
+    def _key(self, machine_id: int | None, keys) -> str:
+        key = f"id_{machine_id:02d}" if machine_id is not None else POOLED
+        return key if key in keys else POOLED
+
+    def _groups(self, machine_ids: Sequence[int | None], keys) -> dict[str, list[int]]:
+        groups: dict[str, list[int]] = {}
+        for i, mid in enumerate(machine_ids):
+            groups.setdefault(self._key(mid, keys), []).append(i)
+        return groups
+
+
+class KnnScorer(_PerIdScorer):
+    name = "knn"
+
+    def __init__(self, banks: dict[str, torch.Tensor], k: int = 1, metric: str = "cosine"):
+        if metric not in ("cosine", "euclidean"):
+            raise UsageError(f"knn metric must be cosine or euclidean, got {metric!r}")
+        if k < 1:
+            raise UsageError(f"knn k must be >= 1, got {k}")
+        self.k = int(k)
+        self.metric = metric
+        self.banks = {key: self._prep(b) for key, b in banks.items()}
+        if POOLED not in self.banks:
+            self.banks[POOLED] = torch.cat(list(self.banks.values()))
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None], k: int = 1,
+            metric: str = "cosine") -> KnnScorer:
+        banks: dict[str, torch.Tensor] = {}
+        for mid in sorted({m for m in machine_ids if m is not None}):
+            idx = [i for i, m in enumerate(machine_ids) if m == mid]
+            banks[f"id_{mid:02d}"] = z[idx]
+        if not banks:
+            banks[POOLED] = z
+        return cls(banks, k, metric)
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1) if self.metric == "cosine" else x
+
+    def score(self, z, machine_ids):
+        out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        for key, idx in self._groups(machine_ids, self.banks).items():
+            bank = self.banks[key].to(z.device, z.dtype)
+            q = self._prep(z[idx])
+            # (queries, bank) distances; cosine distance = 1 - cos similarity
+            d = 1.0 - q @ bank.T if self.metric == "cosine" else torch.cdist(q, bank)
+            k = min(self.k, bank.shape[0])
+            out[idx] = d.topk(k, dim=1, largest=False).values.mean(dim=1)
+        return out
+
+    def config(self) -> dict:
+        keys = sorted(k for k in self.banks if k != POOLED)
+        return {"name": self.name, "k": self.k, "metric": self.metric, "banks": keys or [POOLED]}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        keys = self.config()["banks"]
+        return {f"bank.{k}": self.banks[k] for k in keys}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> KnnScorer:
+        banks = {k: tensors[f"bank.{k}"] for k in config["banks"]}
+        # Banks were normalised before saving when cosine; normalising again is a no-op.
+        return cls(banks, config["k"], config["metric"])
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrunk covariance of rows of x (n, p), computed in float64."""
+    x = x.double()
+    n, p = x.shape
+    xc = x - x.mean(dim=0, keepdim=True)
+    s = xc.T @ xc / n
+    mu = torch.trace(s) / p
+    d2 = ((s - mu * torch.eye(p, dtype=s.dtype, device=s.device)) ** 2).sum()
+    # sum_k ||x_k x_k^T - S||_F^2 = sum_k (|x_k|^4 - 2 x_k^T S x_k) + n ||S||_F^2
+    sq = (xc**2).sum(dim=1)
+    b_bar2 = ((sq**2).sum() - 2 * ((xc @ s) * xc).sum() + n * (s**2).sum()) / n**2
+    shrink = torch.clamp(b_bar2 / d2, 0.0, 1.0) if d2 > 0 else torch.tensor(1.0, dtype=s.dtype)
+    return shrink * mu * torch.eye(p, dtype=s.dtype, device=s.device) + (1 - shrink) * s
+
+
+class MahalanobisScorer(_PerIdScorer):
+    name = "mahalanobis"
+
+    def __init__(self, means: dict[str, torch.Tensor], precisions: dict[str, torch.Tensor]):
+        self.means = means
+        self.precisions = precisions
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None]) -> MahalanobisScorer:
+        groups = {POOLED: list(range(z.shape[0]))}
+        for mid in sorted({m for m in machine_ids if m is not None}):
+            groups[f"id_{mid:02d}"] = [i for i, m in enumerate(machine_ids) if m == mid]
+        means, precisions = {}, {}
+        for key, idx in groups.items():
+            if len(idx) < 2:
+                continue
+            x = z[idx]
+            means[key] = x.mean(dim=0).float()
+            precisions[key] = torch.linalg.pinv(ledoit_wolf(x), hermitian=True).float()
+        if POOLED not in means:
+            raise UsageError("mahalanobis needs at least 2 normal training windows")
+        return cls(means, precisions)
+
+    def score(self, z, machine_ids):
+        out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        for key, idx in self._groups(machine_ids, self.means).items():
+            d = z[idx] - self.means[key].to(z.device, z.dtype)
+            prec = self.precisions[key].to(z.device, z.dtype)
+            out[idx] = torch.sqrt(torch.clamp(((d @ prec) * d).sum(dim=1), min=0.0))
+        return out
+
+    def config(self) -> dict:
+        return {"name": self.name, "groups": sorted(self.means)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.means:
+            out[f"mean.{key}"] = self.means[key]
+            out[f"precision.{key}"] = self.precisions[key]
+        return out
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MahalanobisScorer:
+        keys = config["groups"]
+        return cls({k: tensors[f"mean.{k}"] for k in keys}, {k: tensors[f"precision.{k}"] for k in keys})
+
+
+SCORERS = {"recon": ReconScorer, "knn": KnnScorer, "mahalanobis": MahalanobisScorer}
+
+
+# --------------------------------------------------------------------------- normalisation, fusion
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-dimension z-scoring fitted on the normal training embeddings."""
+
+    mean: torch.Tensor  # (dim,)
+    std: torch.Tensor  # (dim,)
+
+    @classmethod
+    def fit(cls, z: torch.Tensor) -> Standardizer:
+        return cls(z.mean(dim=0), z.std(dim=0).clamp_min(1e-4))
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """z-normalise each scorer on held-out normal scores, then combine (mean or max).
+
+    With a single scorer the raw score is kept, so a reconstruction MSE stays readable.
+    """
+
+    method: str  # "mean" | "max"
+    stats: dict[str, tuple[float, float]]  # scorer -> (mean, std) of held-out normal scores
+
+    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        if len(scores) == 1:
+            return next(iter(scores.values()))
+        z = torch.stack([(s - self.stats[n][0]) / self.stats[n][1] for n, s in scores.items()])
+        return z.mean(dim=0) if self.method == "mean" else z.max(dim=0).values
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "stats": {k: list(v) for k, v in self.stats.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Fusion:
+        return cls(d["method"], {k: (float(v[0]), float(v[1])) for k, v in d["stats"].items()})
+
+
+def _short(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return "; ".join(lines[:2])[:300]
