@@ -6,6 +6,7 @@ array) so a live stream and a folder of WAV files go through exactly the same co
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,14 @@ class LogMel(torch.nn.Module):
     def __init__(self, params: MelParams = MelParams()):
         super().__init__()
         self.params = params
-        self.mel = torchaudio.transforms.MelSpectrogram(
+        with warnings.catch_warnings():
+            # The seed's 128 bands over a 512-point FFT leave a few low bands empty; expected.
+            warnings.filterwarnings("ignore", message="At least one mel filterbank")
+            self.mel = self._build(params)
+
+    @staticmethod
+    def _build(params: MelParams) -> torch.nn.Module:
+        return torchaudio.transforms.MelSpectrogram(
             sample_rate=params.sample_rate_hz,
             n_fft=params.n_fft,
             hop_length=params.hop_length,

@@ -1,0 +1,1 @@
+"""harken training side: builds model artifacts from normal-only recordings. Imports `monitor`."""

@@ -1,0 +1,196 @@
+"""The `harken` command. It lives in `train` because it offers both sides: training commands and,
+through `monitor.daemon.commands`, the runtime ones (`monitor` never imports `train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from monitor import __version__
+from monitor.errors import HarkenError, UsageError
+from monitor.logs import configure_logging, get_logger
+
+
+def _ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("at least one machine ID is needed")
+    return ids
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> int:
+    from train.synth import write_dataset
+
+    summary = write_dataset(Path(args.out), ids=args.ids, n_train=args.train,
+                            n_test_normal=args.test_normal, n_test_anomaly=args.test_anomaly,
+                            snr_db=args.snr_db, seed=args.seed, progress=_progress(args))
+    print(json.dumps(summary) if args.json else _synth_text(args.out, summary))
+    return 0
+
+
+def _synth_text(out, summary: dict) -> str:
+    return f"wrote {summary.get('total_files', '?')} clips to {out} ({json.dumps(summary.get('counts', summary))})"
+
+
+def cmd_train(args) -> int:
+    from train.config import load_train_config
+    from train.fit import fit_model
+
+    cfg = load_train_config(args.config, encoder=args.encoder, decoder=args.decoder,
+                            scorers=args.scorer, weights=args.weights, seed=args.seed,
+                            max_epochs=args.max_epochs)
+    result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+    else:
+        print(f"model saved to {result['model']}: {result['n_windows']} windows, "
+              f"{result['epochs']} epochs, threshold {result['threshold']:.6g}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from train.evaluate import evaluate
+
+    m = evaluate(args.model, args.data, device=args.device, report=args.report,
+                 progress=_progress(args))
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(f"{m['model']}: AUC {m['auc']:.4f}  pAUC {m['pauc']:.4f}  "
+          f"({m['n_normal']} normal, {m['n_anomaly']} anomalous clips)")
+    for key, v in m["per_id"].items():
+        if "auc" in v:
+            print(f"  id {key}: AUC {v['auc']:.4f}  pAUC {v['pauc']:.4f}  "
+                  f"({v['n_normal']} normal, {v['n_anomaly']} anomalous)")
+    print(f"  harmonic mean over IDs: AUC {m['hmean_auc']:.4f}  pAUC {m['hmean_pauc']:.4f}")
+    if "tpr_at_threshold" in m:
+        print(f"  at threshold {m['threshold']:.6g}: TPR {m['tpr_at_threshold']:.3f}  "
+              f"FPR {m['fpr_at_threshold']:.3f}")
+    if args.report:
+        print(f"  report: {', '.join(m['report'].values())}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from monitor.detector import Detector
+    from monitor.replay import replay
+
+    if args.hop_s is not None and args.hop_s <= 0:
+        raise UsageError(f"--hop-s must be > 0, got {args.hop_s}")
+    detector = Detector.load(args.model, device=args.device)
+    if args.out and args.out != "-":
+        with open(args.out, "w") as f:
+            summary = replay(detector, Path(args.dir), f, hop_s=args.hop_s, progress=_progress(args))
+    else:
+        summary = replay(detector, Path(args.dir), sys.stdout, hop_s=args.hop_s)
+    get_logger(stage="replay").info("replay_done", **summary)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from train.demo import run_demo
+
+    return run_demo(Path(args.out), progress=_progress(args))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harken", description="Listen to machines: learn what normal "
+                                "sounds like, flag what does not.")
+    p.add_argument("--version", action="version", version=f"harken {__version__}")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic slide-rail data set (DCASE layout)")
+    s.add_argument("out", help="output directory (must not exist or be empty)")
+    s.add_argument("--ids", type=_ids, default=(0, 1, 2), help="machine IDs, e.g. 0,1,2")
+    s.add_argument("--train", type=int, default=100, help="normal training clips per ID")
+    s.add_argument("--test-normal", type=int, default=30, help="normal test clips per ID")
+    s.add_argument("--test-anomaly", type=int, default=30, help="anomalous test clips per ID")
+    s.add_argument("--snr-db", type=float, default=0.0, help="machine-to-background ratio, dB")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="train a model artifact on normal clips")
+    t.add_argument("--data", required=True, help="data directory (uses DATA/train when it exists)")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--encoder", default=None, help="mel (default) or efficientat")
+    t.add_argument("--decoder", default=None, help="mlp (default)")
+    t.add_argument("--scorer", default=None,
+                   help="comma-separated: recon (default), knn, mahalanobis; several are fused")
+    t.add_argument("--weights", default=None, help="encoder weights file (pretrained encoders)")
+    t.add_argument("--config", default=None, help="YAML with training settings (see config/)")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--max-epochs", type=int, default=None)
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="AUC / pAUC of a model on labelled test clips")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="data directory (uses DATA/test when it exists)")
+    e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    e.add_argument("--report", default=None, help="directory for scores.csv, roc.png, histogram.png")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("replay", help="score every window of every WAV in a folder (JSON lines)")
+    r.add_argument("dir")
+    r.add_argument("--model", required=True)
+    r.add_argument("--hop-s", type=float, default=None, help="window hop in seconds (default 10)")
+    r.add_argument("--out", default=None, help="JSONL file (default stdout)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_replay)
+
+    d = sub.add_parser("demo", help="synth, train, evaluate and replay on embedded defaults")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from monitor.daemon import commands as daemon_commands
+    except ImportError:  # the daemon package is optional while it is being built
+        daemon_commands = None
+    if daemon_commands is not None:
+        daemon_commands.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except HarkenError as exc:
+        print(f"harken: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("harken: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # unexpected: keep the traceback for the bug report
+        get_logger().exception("unexpected_error", command=args.command)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Training configuration: defaults are the seed study's hyper-parameters; YAML may override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from monitor.errors import UsageError
+
+THRESHOLD_METHODS = ("gamma", "quantile")
+FUSION_METHODS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    encoder: str = "mel"
+    decoder: str = "mlp"
+    scorers: tuple[str, ...] = ("recon",)
+    weights: str | None = None  # encoder weights file, for pretrained encoders
+    decoder_dims: tuple[int, ...] | None = None  # default: the seed's widths for this encoder
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    max_epochs: int = 500
+    lr_patience: int = 10
+    lr_factor: float = 0.5
+    early_stop_patience: int = 20
+    early_stop_min_delta: float = 1e-5
+    val_fraction: float = 0.1
+    threshold_method: str = "gamma"  # gamma: DCASE-style gamma fit; quantile: empirical
+    threshold_quantile: float = 0.9
+    knn_k: int = 1
+    knn_metric: str = "cosine"
+    fusion: str = "mean"
+    hop_s: float | None = None  # windows of clips longer than 10 s; default no overlap
+    embed_batch_size: int = 16
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def validate(self) -> TrainConfig:
+        def bad(key, msg):
+            raise UsageError(f"{key}: {msg}")
+
+        if not 0.0 < self.val_fraction < 0.9:
+            bad("val_fraction", f"must be in (0, 0.9), got {self.val_fraction}")
+        if self.threshold_method not in THRESHOLD_METHODS:
+            bad("threshold_method", f"must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}")
+        if not 0.5 <= self.threshold_quantile < 1.0:
+            bad("threshold_quantile", f"must be in [0.5, 1), got {self.threshold_quantile}")
+        if self.fusion not in FUSION_METHODS:
+            bad("fusion", f"must be one of {FUSION_METHODS}, got {self.fusion!r}")
+        for key in ("batch_size", "max_epochs", "embed_batch_size", "knn_k"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not self.scorers:
+            bad("scorers", "at least one scorer is needed (recon, knn, mahalanobis)")
+        return self
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+
+
+def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
+    """Defaults, then the YAML file's keys (unknown keys rejected), then CLI overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{p}: expected a mapping of training settings at the top level")
+        section = loaded.get("train", loaded)
+        known = {f.name for f in fields(TrainConfig)} - {"extra"}
+        for key, value in section.items():
+            if key not in known:
+                raise UsageError(f"{p}: train.{key}: unknown key; known keys: {', '.join(sorted(known))}")
+            values[key] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("scorers", "decoder_dims"):
+        if key in values and values[key] is not None:
+            v = values[key]
+            values[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)
+    if "decoder_dims" in values and values["decoder_dims"] is not None:
+        values["decoder_dims"] = tuple(int(x) for x in values["decoder_dims"])
+    try:
+        cfg = replace(TrainConfig(), **values)
+    except TypeError as exc:
+        raise UsageError(f"training config: {exc}") from None
+    _check_types(cfg)
+    return cfg.validate()
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        default = getattr(TrainConfig(), f.name)
+        if v is None or default is None or f.name == "extra":
+            continue
+        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            continue
+        if not isinstance(v, type(default)) or (isinstance(v, bool) and not isinstance(default, bool)):
+            raise UsageError(f"{f.name}: expected {type(default).__name__}, got {type(v).__name__} ({v!r})")

@@ -1,0 +1,106 @@
+"""Collect labelled clips and turn them into embeddings, batch by batch, with a progress bar."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from monitor.encoders.base import Encoder
+from monitor.errors import UsageError
+from monitor.labels import NORMAL, ClipInfo, find_audio, parse_clip
+from monitor.logs import get_logger
+from monitor.replay import SkipCounter, iter_windows
+
+
+@dataclass(frozen=True)
+class EmbeddedSet:
+    embeddings: torch.Tensor  # (windows, dim) raw encoder output, on the CPU
+    clips: list[ClipInfo]  # one per window
+    skipped: SkipCounter
+
+    @property
+    def machine_ids(self) -> list[int | None]:
+        return [c.machine_id for c in self.clips]
+
+
+def normal_training_clips(root: Path) -> list[ClipInfo]:
+    """Normal clips under root/train (or root): anomalies there are ignored with a warning."""
+    log = get_logger(stage="train")
+    clips = [parse_clip(p) for p in find_audio(root)]
+    anomalous = [c for c in clips if c.label not in (NORMAL, None)]
+    if anomalous:
+        log.warning("anomalous_training_clips_ignored", count=len(anomalous),
+                    first=str(anomalous[0].path))
+    normal = [c for c in clips if c.label in (NORMAL, None)]
+    if not normal:
+        raise UsageError(f"{root}: no normal clips to train on")
+    return normal
+
+
+def data_fingerprint(clips: list[ClipInfo]) -> str:
+    """sha256 over (file name, size, content hash) of every clip, in sorted order."""
+    h = hashlib.sha256()
+    for c in sorted(clips, key=lambda c: c.path.name):
+        h.update(c.path.name.encode())
+        h.update(hashlib.sha256(c.path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def embed_clips(clips: list[ClipInfo], encoder: Encoder, device: torch.device, *,
+                window_s: float = 10.0, hop_s: float | None = None, batch_size: int = 16,
+                progress: bool = True, desc: str = "embedding") -> EmbeddedSet:
+    by_path = {c.path: c for c in clips}
+    skips = SkipCounter()
+    vectors: list[torch.Tensor] = []
+    owners: list[ClipInfo] = []
+    batch: list[np.ndarray] = []
+
+    def flush():
+        waves = torch.from_numpy(np.stack(batch)).to(device)
+        with torch.inference_mode():
+            vectors.append(encoder(waves).vector.float().cpu())
+        batch.clear()
+
+    bar = tqdm(total=len(clips), unit="clip", desc=desc, disable=not progress, leave=False)
+    last = None
+    for path, _, win in iter_windows([c.path for c in clips], hop_s, window_s, skips):
+        if path != last:
+            bar.update(1)
+            last = path
+        batch.append(win)
+        owners.append(by_path[path])
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    if not vectors:
+        raise UsageError(f"none of the {len(clips)} clips could be used ({skips.unreadable} unreadable, "
+                         f"{skips.silent} silent)")
+    return EmbeddedSet(torch.cat(vectors), owners, skips)
+
+
+def split_held_out(clips: list[ClipInfo], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out) over windows, split by file and stratified by machine ID."""
+    rng = np.random.default_rng(seed)
+    files_by_id: dict[int | None, list[Path]] = {}
+    for c in dict.fromkeys(clips):  # unique clips, first-seen order
+        files_by_id.setdefault(c.machine_id, []).append(c.path)
+    held: set[Path] = set()
+    for mid in sorted(files_by_id, key=lambda m: -1 if m is None else m):
+        files = files_by_id[mid]
+        if len(files) < 2:
+            continue
+        n = max(1, int(round(fraction * len(files))))
+        for i in rng.permutation(len(files))[:n]:
+            held.add(files[i])
+    is_held = np.array([c.path in held for c in clips])
+    if is_held.all() or not is_held.any():
+        raise UsageError(f"need at least 2 normal clips per machine ID to hold some out "
+                         f"(got {len(set(c.path for c in clips))} clips)")
+    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]

@@ -1,0 +1,136 @@
+"""`harken evaluate`: AUC / pAUC per machine ID and pooled, plus a report with plots."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from monitor.detector import Detector
+from monitor.errors import UsageError
+from monitor.labels import ANOMALY, NORMAL, find_audio, split_dir
+from monitor.logs import get_logger
+from monitor.replay import SkipCounter, score_files
+from train.metrics import auc, harmonic_mean, pauc, roc_curve
+
+MAX_FPR = 0.1
+
+
+def score_test_set(detector: Detector, data: str | Path, *, batch_size: int = 16,
+                   progress: bool = True) -> tuple[list[dict], SkipCounter]:
+    """One row per labelled file: file, machine_id, label, score (mean over its windows)."""
+    root = split_dir(data, "test")
+    files = find_audio(root)
+    skips = SkipCounter()
+    per_file: dict[str, list[float]] = defaultdict(list)
+    meta: dict[str, tuple] = {}
+    for ws in score_files(detector, files, batch_size=batch_size, skips=skips, progress=progress):
+        per_file[ws.file].append(ws.score)
+        meta[ws.file] = (ws.machine_id, ws.label)
+    rows = [{"file": f, "machine_id": meta[f][0], "label": meta[f][1],
+             "score": float(np.mean(s))} for f, s in per_file.items()]
+    unlabelled = [r for r in rows if r["label"] not in (NORMAL, ANOMALY)]
+    if unlabelled:
+        get_logger(stage="evaluate").warning(
+            "unlabelled_files_ignored", count=len(unlabelled), first=unlabelled[0]["file"])
+    return [r for r in rows if r["label"] in (NORMAL, ANOMALY)], skips
+
+
+def compute_metrics(rows: list[dict], threshold: float | None = None) -> dict:
+    if not rows:
+        raise UsageError("no labelled clips to evaluate (names must say normal_/anomaly_ or "
+                         "sit in normal/ and abnormal/ folders)")
+    y = np.array([r["label"] == ANOMALY for r in rows])
+    s = np.array([r["score"] for r in rows])
+    if y.all() or (~y).all():
+        have = "anomalous" if y.all() else "normal"
+        raise UsageError(f"evaluation needs normal and anomalous clips; found only {have} ones")
+    per_id = {}
+    for mid in sorted({r["machine_id"] for r in rows}, key=lambda m: -1 if m is None else m):
+        sel = np.array([r["machine_id"] == mid for r in rows])
+        key = "unknown" if mid is None else f"{mid:02d}"
+        entry = {"n_normal": int((~y[sel]).sum()), "n_anomaly": int(y[sel].sum())}
+        if entry["n_normal"] and entry["n_anomaly"]:
+            entry["auc"] = auc(y[sel], s[sel])
+            entry["pauc"] = pauc(y[sel], s[sel], MAX_FPR)
+        per_id[key] = entry
+    out = {
+        "auc": auc(y, s),
+        "pauc": pauc(y, s, MAX_FPR),
+        "n_normal": int((~y).sum()),
+        "n_anomaly": int(y.sum()),
+        "per_id": per_id,
+        "hmean_auc": harmonic_mean([v.get("auc") for v in per_id.values()]),
+        "hmean_pauc": harmonic_mean([v.get("pauc") for v in per_id.values()]),
+        "max_fpr": MAX_FPR,
+    }
+    if threshold is not None:
+        pred = s > threshold
+        out["threshold"] = threshold
+        out["tpr_at_threshold"] = float(pred[y].mean())
+        out["fpr_at_threshold"] = float(pred[~y].mean())
+    return out
+
+
+def write_report(out_dir: str | Path, rows: list[dict], metrics: dict, threshold: float,
+                 model_name: str) -> dict[str, str]:
+    """scores.csv, roc.png and histogram.png in out_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"scores": out / "scores.csv", "roc": out / "roc.png", "histogram": out / "histogram.png"}
+    with open(paths["scores"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "machine_id", "label", "score", "anomaly"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "anomaly": r["score"] > threshold})
+
+    y = np.array([r["label"] == ANOMALY for r in rows])
+    s = np.array([r["score"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ids = sorted({r["machine_id"] for r in rows}, key=lambda m: -1 if m is None else m)
+    for mid in ids:
+        sel = np.array([r["machine_id"] == mid for r in rows])
+        if y[sel].any() and (~y[sel]).any():
+            fpr, tpr = roc_curve(y[sel], s[sel])
+            key = "unknown" if mid is None else f"{mid:02d}"
+            ax.plot(fpr, tpr, lw=1, alpha=0.7, label=f"id {key} (AUC {metrics['per_id'][key]['auc']:.3f})")
+    fpr, tpr = roc_curve(y, s)
+    ax.plot(fpr, tpr, "k", lw=2, label=f"pooled (AUC {metrics['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.axvspan(0, MAX_FPR, color="orange", alpha=0.12, label=f"pAUC region (FPR<{MAX_FPR})")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {model_name}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["roc"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bins = np.histogram_bin_edges(s, bins=40)
+    ax.hist(s[~y], bins=bins, alpha=0.6, label=f"normal (n={int((~y).sum())})", color="tab:blue")
+    ax.hist(s[y], bins=bins, alpha=0.6, label=f"anomalous (n={int(y.sum())})", color="tab:red")
+    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel="anomaly score", ylabel="clips", title=f"Scores: {model_name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["histogram"], dpi=110)
+    plt.close(fig)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", report: str | None = None,
+             progress: bool = True) -> dict:
+    detector = Detector.load(model, device=device)
+    rows, skips = score_test_set(detector, data, progress=progress)
+    metrics = compute_metrics(rows, detector.threshold)
+    metrics["model"] = detector.name
+    metrics["skipped_files"] = skips.total
+    if report:
+        metrics["report"] = write_report(report, rows, metrics, detector.threshold, detector.name)
+    return metrics

@@ -1,0 +1,215 @@
+"""`harken train`: embed normal clips, fit the scorers, calibrate the threshold, save the artifact."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm import tqdm
+
+from monitor.artifact import save_artifact
+from monitor.audio import SAMPLE_RATE_HZ, WINDOW_S
+from monitor.detector import Detector, resolve_device
+from monitor.encoders.registry import build_encoder
+from monitor.errors import UsageError
+from monitor.labels import split_dir
+from monitor.logs import get_logger
+from monitor.scorers import (
+    SCORERS,
+    Fusion,
+    KnnScorer,
+    MahalanobisScorer,
+    ReconScorer,
+    Standardizer,
+)
+from train.config import TrainConfig
+from train.data import data_fingerprint, embed_clips, normal_training_clips, split_held_out
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    lr: float
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def encoder_spec(cfg: TrainConfig) -> dict:
+    spec: dict = {"name": cfg.encoder}
+    if cfg.weights:
+        spec["weights"] = str(Path(cfg.weights).resolve())
+    return spec
+
+
+def train_autoencoder(scorer: ReconScorer, z_train: torch.Tensor, z_val: torch.Tensor,
+                      cfg: TrainConfig, device: torch.device, progress: bool = True) -> list[EpochLog]:
+    """Adam + ReduceLROnPlateau + early stopping, all on the held-out loss; keeps the best weights."""
+    log = get_logger(stage="train")
+    model = scorer.model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z_train, z_val = z_train.to(device), z_val.to(device)
+    best, best_state, since_best = math.inf, None, 0
+    history: list[EpochLog] = []
+    bar = tqdm(range(1, cfg.max_epochs + 1), unit="epoch", desc="training", disable=not progress,
+               leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(z_train.shape[0], generator=gen).to(device)
+        total = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            xb = z_train[order[i : i + cfg.batch_size]]
+            loss = ((model(xb) - xb) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * xb.shape[0]
+        model.eval()
+        with torch.inference_mode():
+            val = float(((model(z_val) - z_val) ** 2).mean())
+        sched.step(val)
+        entry = EpochLog(epoch, total / z_train.shape[0], val, opt.param_groups[0]["lr"])
+        history.append(entry)
+        log.info("epoch_done", epoch=epoch, train_loss=round(entry.train_loss, 6),
+                 val_loss=round(val, 6), lr=entry.lr)
+        bar.set_postfix(train=f"{entry.train_loss:.4f}", val=f"{val:.4f}")
+        if val < best - cfg.early_stop_min_delta:
+            best, since_best = val, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+            if since_best >= cfg.early_stop_patience:
+                log.info("early_stop", epoch=epoch, best_val_loss=round(best, 6))
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def calibrate_threshold(scores: np.ndarray, method: str, quantile: float) -> dict:
+    """DCASE-style: fit a gamma distribution to held-out normal scores and take its quantile."""
+    scores = np.asarray(scores, dtype=float)
+    used = method
+    value = float(np.quantile(scores, quantile))
+    if method == "gamma":
+        if scores.min() > 0 and len(scores) >= 3 and scores.std() > 0:
+            shape, loc, scale = stats.gamma.fit(scores, floc=0.0)
+            value = float(stats.gamma.ppf(quantile, shape, loc=loc, scale=scale))
+        else:  # fused z-scores can be negative; a gamma fit makes no sense there
+            used = "quantile"
+    return {"value": value, "method": used, "quantile": quantile}
+
+
+def score_summary(scores: np.ndarray) -> dict:
+    s = np.asarray(scores, dtype=float)
+    return {"n": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
+            "p50": float(np.quantile(s, 0.5)), "p90": float(np.quantile(s, 0.9)),
+            "p99": float(np.quantile(s, 0.99)), "max": float(s.max())}
+
+
+def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: str = "auto",
+              progress: bool = True) -> dict:
+    """Train and save an artifact; returns a summary dict for the CLI."""
+    log = get_logger(stage="train")
+    seed_everything(cfg.seed)
+    dev = resolve_device(device)
+    for name in cfg.scorers:
+        if name not in SCORERS:
+            raise UsageError(f"unknown scorer {name!r}; available: {', '.join(SCORERS)}")
+    root = split_dir(data, "train")
+    clips = normal_training_clips(root)
+    t0 = time.monotonic()
+    encoder = build_encoder(encoder_spec(cfg), dev)
+    embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
+                           batch_size=cfg.embed_batch_size, progress=progress)
+    embed_s = time.monotonic() - t0
+    log.info("embedded", windows=embedded.embeddings.shape[0], dim=embedded.embeddings.shape[1],
+             skipped=embedded.skipped.total, seconds=round(embed_s, 2))
+    tr, ho = split_held_out(embedded.clips, cfg.val_fraction, cfg.seed)
+    ids = embedded.machine_ids
+    ids_tr, ids_ho = [ids[i] for i in tr], [ids[i] for i in ho]
+    std = Standardizer.fit(embedded.embeddings[tr])
+    z_tr, z_ho = std(embedded.embeddings[tr]), std(embedded.embeddings[ho])
+
+    t1 = time.monotonic()
+    scorers: dict = {}
+    history: list[EpochLog] = []
+    for name in cfg.scorers:
+        if name == "recon":
+            rec = ReconScorer.build(cfg.decoder, z_tr.shape[1], cfg.decoder_dims)
+            history = train_autoencoder(rec, z_tr, z_ho, cfg, dev, progress)
+            scorers[name] = rec
+        elif name == "knn":
+            scorers[name] = KnnScorer.fit(z_tr, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
+        elif name == "mahalanobis":
+            scorers[name] = MahalanobisScorer.fit(z_tr, ids_tr)
+    fit_s = time.monotonic() - t1
+
+    with torch.inference_mode():
+        parts = {n: s.score(z_ho.to(dev), ids_ho).double().cpu() for n, s in scorers.items()}
+    fusion = Fusion(cfg.fusion, {n: (float(v.mean()), float(v.std().clamp_min(1e-12)))
+                                 for n, v in parts.items()})
+    held_scores = fusion.combine(parts).numpy()
+    threshold = calibrate_threshold(held_scores, cfg.threshold_method, cfg.threshold_quantile)
+
+    tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}
+    for n, s in scorers.items():
+        tensors.update({f"scorer.{n}.{k}": v for k, v in s.state_tensors().items()})
+    per_id: dict[str, int] = {}
+    for c in dict.fromkeys(embedded.clips):
+        key = "unknown" if c.machine_id is None else f"{c.machine_id:02d}"
+        per_id[key] = per_id.get(key, 0) + 1
+    best = min(history, key=lambda e: e.val_loss) if history else None
+    n_params = sum(p.numel() for s in scorers.values() if hasattr(s, "model")
+                   for p in s.model.parameters())
+    manifest = {
+        "name": f"{cfg.encoder}+" + "+".join(
+            (cfg.decoder if n == "recon" else n) for n in cfg.scorers),
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "window_s": WINDOW_S,
+        "encoder": encoder.spec(),
+        "scorers": [s.config() for s in scorers.values()],
+        "fusion": fusion.to_json(),
+        "normalisation": {"kind": "per-dimension z-score", "dim": int(std.mean.shape[0]),
+                          "tensors": ["standardizer.mean", "standardizer.std"]},
+        "threshold": threshold,
+        "normal_scores": score_summary(held_scores),
+        "training": {
+            "data_dir": str(Path(root).resolve()),
+            "n_files": len(set(c.path for c in embedded.clips)),
+            "n_windows": int(embedded.embeddings.shape[0]),
+            "n_held_out_windows": int(len(ho)),
+            "files_per_id": per_id,
+            "skipped_files": embedded.skipped.total,
+            "data_sha256": data_fingerprint(list(dict.fromkeys(embedded.clips))),
+            "epochs": len(history),
+            "best_epoch": best.epoch if best else None,
+            "best_val_loss": best.val_loss if best else None,
+            "decoder_parameters": int(n_params),
+            "embed_seconds": round(embed_s, 3),
+            "fit_seconds": round(fit_s, 3),
+            "device": str(dev),
+            "config": cfg.to_json(),
+        },
+    }
+    path = save_artifact(out, manifest, tensors)
+    Detector.load(path, device="cpu")  # round trip: what we wrote must load
+    log.info("model_saved", path=str(path), threshold=round(threshold["value"], 6),
+             epochs=len(history))
+    return {"model": str(path), "threshold": threshold["value"], "epochs": len(history),
+            "history": [e.__dict__ for e in history], "n_windows": int(embedded.embeddings.shape[0]),
+            "embed_seconds": embed_s, "fit_seconds": fit_s, "parameters": int(n_params)}
