@@ -45,10 +45,10 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     Raises AudioError naming the file for anything that is not usable audio.
     """
     path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
     try:
         samples, rate_hz = sf.read(str(path), dtype="float32", always_2d=True)
-    except FileNotFoundError:
-        raise AudioError(f"{path}: no such file") from None
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({_first_line(exc)})") from None
     if samples.shape[0] == 0:

@@ -157,6 +157,7 @@ class KnnScorer(_PerIdScorer):
         return nn.functional.normalize(x, dim=1) if self.metric == "cosine" else x
 
     def score(self, z, machine_ids):
+        _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         for key, idx in self._groups(machine_ids, self.banks).items():
             bank = self.banks[key].to(z.device, z.dtype)
@@ -182,66 +183,117 @@ class KnnScorer(_PerIdScorer):
         return cls(banks, config["k"], config["metric"])
 
 
+def ledoit_wolf_shrinkage(xc: torch.Tensor) -> tuple[float, float]:
+    """(shrinkage, mu) of the Ledoit-Wolf estimator for centred rows xc (n, p).
+
+    Computed from the n x n Gram matrix, so it costs O(n^2 p) even when p (8192 for the log-mel
+    image) is far larger than n.
+    """
+    n, p = xc.shape
+    g = xc @ xc.T  # (n, n)
+    sq = torch.diagonal(g)
+    mu = float(sq.sum() / (n * p))  # trace(S) / p
+    s_fro2 = float((g**2).sum() / n**2)  # ||S||_F^2
+    d2 = s_fro2 - 2 * mu * float(sq.sum() / n) + mu**2 * p  # ||S - mu I||_F^2
+    # sum_k ||x_k x_k^T - S||_F^2 = sum_k |x_k|^4 - 2 sum_k x_k^T S x_k + n ||S||_F^2
+    b_bar2 = float((sq**2).sum() - 2 * (g**2).sum() / n + n * s_fro2) / n**2
+    shrink = 1.0 if d2 <= 0 else min(max(b_bar2 / d2, 0.0), 1.0)
+    return shrink, mu
+
+
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Ledoit-Wolf shrunk covariance of rows of x (n, p), computed in float64."""
+    """Ledoit-Wolf shrunk covariance of rows of x (n, p), in float64."""
     x = x.double()
-    n, p = x.shape
     xc = x - x.mean(dim=0, keepdim=True)
-    s = xc.T @ xc / n
-    mu = torch.trace(s) / p
-    d2 = ((s - mu * torch.eye(p, dtype=s.dtype, device=s.device)) ** 2).sum()
-    # sum_k ||x_k x_k^T - S||_F^2 = sum_k (|x_k|^4 - 2 x_k^T S x_k) + n ||S||_F^2
-    sq = (xc**2).sum(dim=1)
-    b_bar2 = ((sq**2).sum() - 2 * ((xc @ s) * xc).sum() + n * (s**2).sum()) / n**2
-    shrink = torch.clamp(b_bar2 / d2, 0.0, 1.0) if d2 > 0 else torch.tensor(1.0, dtype=s.dtype)
-    return shrink * mu * torch.eye(p, dtype=s.dtype, device=s.device) + (1 - shrink) * s
+    shrink, mu = ledoit_wolf_shrinkage(xc)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return shrink * mu * eye + (1 - shrink) * (xc.T @ xc / x.shape[0])
+
+
+@dataclass(frozen=True)
+class _Gaussian:
+    """A normal class model; the precision is kept in low-rank form when dims exceed samples:
+    Sigma = a I + V^T V / n  =>  d^T Sigma^-1 d = (|d|^2 - (V d)^T M^-1 (V d)) / a,
+    with M = n a I + V V^T (Woodbury). Storing V (n, p) is as big as a k-NN bank, not p x p."""
+
+    mean: torch.Tensor  # (p,)
+    precision: torch.Tensor | None = None  # (p, p) when p <= n
+    basis: torch.Tensor | None = None  # V: (n, p) sqrt(1 - shrink) * centred rows
+    inner_inv: torch.Tensor | None = None  # M^-1: (n, n)
+    ridge: float = 1.0  # a = shrink * mu
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> _Gaussian:
+        x = x.double()
+        n, p = x.shape
+        mean = x.mean(dim=0)
+        xc = x - mean
+        shrink, mu = ledoit_wolf_shrinkage(xc)
+        a = max(shrink * mu, 1e-8)
+        if p <= n:
+            cov = a * torch.eye(p, dtype=x.dtype) + (1 - shrink) * (xc.T @ xc / n)
+            return cls(mean.float(), precision=torch.linalg.inv(cov).float(), ridge=a)
+        v = xc * (1 - shrink) ** 0.5
+        inner = n * a * torch.eye(n, dtype=x.dtype) + v @ v.T
+        return cls(mean.float(), basis=v.float(), inner_inv=torch.linalg.inv(inner).float(), ridge=a)
+
+    def sq_distance(self, z: torch.Tensor) -> torch.Tensor:
+        d = (z - self.mean.to(z)).double()
+        if self.precision is not None:
+            return ((d @ self.precision.to(d)) * d).sum(dim=1)
+        vd = d @ self.basis.to(d).T  # (batch, n)
+        return ((d**2).sum(dim=1) - ((vd @ self.inner_inv.to(d)) * vd).sum(dim=1)) / self.ridge
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        out = {f"mean.{key}": self.mean, f"ridge.{key}": torch.tensor([self.ridge])}
+        if self.precision is not None:
+            out[f"precision.{key}"] = self.precision
+        else:
+            out[f"basis.{key}"] = self.basis
+            out[f"inner_inv.{key}"] = self.inner_inv
+        return out
+
+    @classmethod
+    def from_tensors(cls, key: str, t: dict[str, torch.Tensor]) -> _Gaussian:
+        return cls(t[f"mean.{key}"], t.get(f"precision.{key}"), t.get(f"basis.{key}"),
+                   t.get(f"inner_inv.{key}"), float(t[f"ridge.{key}"][0]))
 
 
 class MahalanobisScorer(_PerIdScorer):
     name = "mahalanobis"
 
-    def __init__(self, means: dict[str, torch.Tensor], precisions: dict[str, torch.Tensor]):
-        self.means = means
-        self.precisions = precisions
+    def __init__(self, models: dict[str, _Gaussian]):
+        self.models = models
 
     @classmethod
     def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None]) -> MahalanobisScorer:
         groups = {POOLED: list(range(z.shape[0]))}
         for mid in sorted({m for m in machine_ids if m is not None}):
             groups[f"id_{mid:02d}"] = [i for i, m in enumerate(machine_ids) if m == mid]
-        means, precisions = {}, {}
-        for key, idx in groups.items():
-            if len(idx) < 2:
-                continue
-            x = z[idx]
-            means[key] = x.mean(dim=0).float()
-            precisions[key] = torch.linalg.pinv(ledoit_wolf(x), hermitian=True).float()
-        if POOLED not in means:
+        models = {key: _Gaussian.fit(z[idx]) for key, idx in groups.items() if len(idx) >= 2}
+        if POOLED not in models:
             raise UsageError("mahalanobis needs at least 2 normal training windows")
-        return cls(means, precisions)
+        return cls(models)
 
     def score(self, z, machine_ids):
+        _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-        for key, idx in self._groups(machine_ids, self.means).items():
-            d = z[idx] - self.means[key].to(z.device, z.dtype)
-            prec = self.precisions[key].to(z.device, z.dtype)
-            out[idx] = torch.sqrt(torch.clamp(((d @ prec) * d).sum(dim=1), min=0.0))
+        for key, idx in self._groups(machine_ids, self.models).items():
+            out[idx] = self.models[key].sq_distance(z[idx]).clamp_min(0.0).sqrt().to(z.dtype)
         return out
 
     def config(self) -> dict:
-        return {"name": self.name, "groups": sorted(self.means)}
+        return {"name": self.name, "groups": sorted(self.models)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for key in self.means:
-            out[f"mean.{key}"] = self.means[key]
-            out[f"precision.{key}"] = self.precisions[key]
+        out: dict[str, torch.Tensor] = {}
+        for key, g in self.models.items():
+            out.update(g.tensors(key))
         return out
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MahalanobisScorer:
-        keys = config["groups"]
-        return cls({k: tensors[f"mean.{k}"] for k in keys}, {k: tensors[f"precision.{k}"] for k in keys})
+        return cls({k: _Gaussian.from_tensors(k, tensors) for k in config["groups"]})
 
 
 SCORERS = {"recon": ReconScorer, "knn": KnnScorer, "mahalanobis": MahalanobisScorer}
@@ -287,6 +339,11 @@ class Fusion:
     @classmethod
     def from_json(cls, d: dict) -> Fusion:
         return cls(d["method"], {k: (float(v[0]), float(v[1])) for k, v in d["stats"].items()})
+
+
+def _check_ids(z: torch.Tensor, machine_ids: Sequence[int | None]) -> None:
+    if len(machine_ids) != z.shape[0]:
+        raise ValueError(f"{len(machine_ids)} machine IDs for a batch of {z.shape[0]}")
 
 
 def _short(exc: BaseException) -> str:

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.detector import Detector
+from monitor.errors import UsageError
+from monitor.scorers import KnnScorer, MahalanobisScorer, MLPAutoencoder, ReconScorer, ledoit_wolf
+from train.config import load_train_config
+from train.evaluate import evaluate
+from train.fit import calibrate_threshold, fit_model, train_autoencoder
+
+
+def test_seed_baseline_widths():
+    ae = MLPAutoencoder([8192, 4096, 2048, 1024, 512, 256])
+    linears = [m for m in ae.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in linears] == [8192, 4096, 2048, 1024, 512, 256, 512, 1024, 2048, 4096]
+    assert linears[-1].out_features == 8192
+
+
+def test_training_loop_learns_low_rank_structure():
+    # Embeddings on a 4-dim subspace plus a little noise: a bottleneck of 8 can learn them.
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 64, generator=gen)
+    z = torch.randn(400, 4, generator=gen) @ basis + 0.05 * torch.randn(400, 64, generator=gen)
+    z = (z - z.mean(0)) / z.std(0)
+    scorer = ReconScorer.build("mlp", 64, [64, 32, 8])
+    cfg = load_train_config(None, max_epochs=60, early_stop_patience=60, batch_size=32)
+    hist = train_autoencoder(scorer, z[:360], z[360:], cfg, torch.device("cpu"), progress=False)
+    assert hist[-1].train_loss < 0.3 * hist[0].train_loss
+    assert min(h.val_loss for h in hist) < 0.3 * hist[0].val_loss
+
+
+def test_early_stopping_and_best_weights(tone_data, tmp_path):
+    cfg = load_train_config(None, decoder_dims=(8192, 64, 16), max_epochs=40,
+                            early_stop_patience=2, early_stop_min_delta=10.0, batch_size=4)
+    result = fit_model(tone_data, tmp_path / "m", cfg, device="cpu", progress=False)
+    # min_delta 10 means no epoch after the first counts as better: stop after 1 + patience.
+    assert result["epochs"] == 3
+
+
+def test_trained_model_separates_tone_anomalies(tiny_model, tone_data):
+    metrics = evaluate(tiny_model, tone_data, device="cpu", progress=False)
+    assert metrics["auc"] > 0.9  # the tone anomalies are blatant
+    assert set(metrics["per_id"]) == {"00", "01"}
+    assert metrics["n_normal"] == metrics["n_anomaly"] == 8
+
+
+def test_training_is_reproducible(tone_data, tmp_path):
+    cfg = load_train_config(None, decoder_dims=(8192, 32), max_epochs=3, seed=7)
+    a = fit_model(tone_data, tmp_path / "a", cfg, device="cpu", progress=False)
+    b = fit_model(tone_data, tmp_path / "b", cfg, device="cpu", progress=False)
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert a["threshold"] == b["threshold"]
+
+
+def test_distance_scorers_and_fusion(tone_data, tmp_path):
+    cfg = load_train_config(None, scorers="knn,mahalanobis", fusion="max", seed=1)
+    fit_model(tone_data, tmp_path / "d", cfg, device="cpu", progress=False)
+    det = Detector.load(tmp_path / "d", device="cpu")
+    assert set(det.scorers) == {"knn", "mahalanobis"}
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["fusion"]["method"] == "max"
+    assert manifest["threshold"]["method"] == "quantile"  # fused z-scores are not gamma
+    metrics = evaluate(tmp_path / "d", tone_data, device="cpu", progress=False)
+    assert metrics["auc"] > 0.9
+
+
+def test_knn_uses_the_machine_id_bank():
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    knn = KnnScorer.fit(z, [0, 0, 1, 1], k=1, metric="euclidean")
+    q = torch.tensor([[0.0, 1.0]])
+    assert knn.score(q, [1]).item() == pytest.approx(0.0)
+    assert knn.score(q, [0]).item() == pytest.approx(np.hypot(1.0, 0.9), rel=1e-5)
+    assert knn.score(q, [None]).item() == pytest.approx(0.0)  # pooled bank for unknown IDs
+
+
+def test_ledoit_wolf_matches_sklearn_formula():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    cov = ledoit_wolf(torch.from_numpy(x)).numpy()
+    # Independent computation of the same estimator (Ledoit & Wolf 2004).
+    xc = x - x.mean(0)
+    s = xc.T @ xc / len(x)
+    mu = np.trace(s) / 6
+    d2 = ((s - mu * np.eye(6)) ** 2).sum()
+    b2 = sum(((np.outer(r, r) - s) ** 2).sum() for r in xc) / len(x) ** 2
+    shrink = min(b2, d2) / d2
+    assert np.allclose(cov, shrink * mu * np.eye(6) + (1 - shrink) * s)
+    # Full precision (p <= n) and the low-rank Woodbury form (p > n) give the same distances.
+    q = torch.from_numpy(x[:5]).float()
+    full = MahalanobisScorer.fit(torch.from_numpy(x).float(), [0] * 40)
+    ref = np.sqrt(np.einsum("bi,ij,bj->b", x[:5] - x.mean(0), np.linalg.inv(cov), x[:5] - x.mean(0)))
+    assert np.allclose(full.score(q, [0] * 5).numpy(), ref, rtol=1e-3)
+    wide = rng.normal(size=(12, 30))
+    low = MahalanobisScorer.fit(torch.from_numpy(wide).float(), [0] * 12)
+    assert low.models["all"].basis is not None
+    cw = ledoit_wolf(torch.from_numpy(wide)).numpy()
+    dw = wide[:3] - wide.mean(0)
+    ref = np.sqrt(np.einsum("bi,ij,bj->b", dw, np.linalg.inv(cw), dw))
+    assert np.allclose(low.score(torch.from_numpy(wide[:3]).float(), [0] * 3).numpy(), ref, rtol=1e-3)
+
+
+def test_threshold_calibration():
+    rng = np.random.default_rng(0)
+    s = rng.gamma(2.0, 1.0, 5000)
+    t = calibrate_threshold(s, "gamma", 0.9)
+    assert t["method"] == "gamma"
+    assert (s > t["value"]).mean() == pytest.approx(0.1, abs=0.02)
+    q = calibrate_threshold(s, "quantile", 0.95)
+    assert q["value"] == pytest.approx(np.quantile(s, 0.95))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rat: 0.1\n")
+    with pytest.raises(UsageError, match="train.learning_rat: unknown key"):
+        load_train_config(f)
+    f.write_text("train:\n  batch_size: many\n")
+    with pytest.raises(UsageError, match="batch_size: expected int"):
+        load_train_config(f)
+    with pytest.raises(UsageError, match="val_fraction"):
+        load_train_config(None, val_fraction=1.5)
+    with pytest.raises(UsageError, match="config file not found"):
+        load_train_config(tmp_path / "nope.yaml")
