@@ -35,6 +35,7 @@ class TrainConfig:
     fusion: str = "mean"
     hop_s: float | None = None  # windows of clips longer than 10 s; default no overlap
     embed_batch_size: int = 16
+    embedding_cache: str = "auto"  # auto: on for pretrained encoders, off for the cheap mel image
     seed: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -48,6 +49,8 @@ class TrainConfig:
             bad("threshold_method", f"must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}")
         if not 0.5 <= self.threshold_quantile < 1.0:
             bad("threshold_quantile", f"must be in [0.5, 1), got {self.threshold_quantile}")
+        if self.embedding_cache not in ("auto", "on", "off"):
+            bad("embedding_cache", f"must be auto, on or off, got {self.embedding_cache!r}")
         if self.fusion not in FUSION_METHODS:
             bad("fusion", f"must be one of {FUSION_METHODS}, got {self.fusion!r}")
         for key in ("batch_size", "max_epochs", "embed_batch_size", "knn_k"):

@@ -14,7 +14,9 @@ from monitor.encoders.base import Encoder
 from monitor.errors import UsageError
 from monitor.labels import NORMAL, ClipInfo, find_audio, parse_clip
 from monitor.logs import get_logger
-from monitor.replay import SkipCounter, iter_windows
+from monitor.audio import split_windows
+from monitor.replay import SkipCounter, load_checked
+from train.cache import EmbeddingCache, file_digest
 
 
 @dataclass(frozen=True)
@@ -53,36 +55,57 @@ def data_fingerprint(clips: list[ClipInfo]) -> str:
 
 def embed_clips(clips: list[ClipInfo], encoder: Encoder, device: torch.device, *,
                 window_s: float = 10.0, hop_s: float | None = None, batch_size: int = 16,
-                progress: bool = True, desc: str = "embedding") -> EmbeddedSet:
-    by_path = {c.path: c for c in clips}
+                progress: bool = True, desc: str = "embedding",
+                cache: EmbeddingCache | None = None) -> EmbeddedSet:
+    """Embed every window of every clip; with a cache, only files not seen before are encoded."""
+    log = get_logger(stage="embed")
     skips = SkipCounter()
-    vectors: list[torch.Tensor] = []
-    owners: list[ClipInfo] = []
-    batch: list[np.ndarray] = []
+    per_clip: dict[int, torch.Tensor] = {}
+    digests: dict[int, str] = {}
+    todo: list[int] = []
+    for i, clip in enumerate(clips):
+        if cache is not None:
+            digests[i] = file_digest(clip.path) if clip.path.is_file() else ""
+            hit = cache.get(digests[i]) if digests[i] else None
+            if hit is not None:
+                per_clip[i] = hit
+                continue
+        todo.append(i)
 
-    def flush():
-        waves = torch.from_numpy(np.stack(batch)).to(device)
+    pending: list[tuple[int, np.ndarray]] = []  # (clip index, (windows, samples))
+
+    def flush() -> None:
+        waves = torch.from_numpy(np.concatenate([w for _, w in pending])).to(device)
         with torch.inference_mode():
-            vectors.append(encoder(waves).vector.float().cpu())
-        batch.clear()
+            vectors = encoder(waves).vector.float().cpu()
+        for (i, w), part in zip(pending, torch.split(vectors, [len(w) for _, w in pending])):
+            per_clip[i] = part.clone()
+            if cache is not None and digests.get(i):
+                cache.put(digests[i], per_clip[i])
+        pending.clear()
 
-    bar = tqdm(total=len(clips), unit="clip", desc=desc, disable=not progress, leave=False)
-    last = None
-    for path, _, win in iter_windows([c.path for c in clips], hop_s, window_s, skips):
-        if path != last:
-            bar.update(1)
-            last = path
-        batch.append(win)
-        owners.append(by_path[path])
-        if len(batch) >= batch_size:
+    bar = tqdm(total=len(todo), unit="clip", desc=desc, disable=not progress or not todo,
+               leave=False)
+    for i in todo:
+        mono = load_checked(clips[i].path, skips, log)
+        bar.update(1)
+        if mono is None:
+            continue
+        pending.append((i, split_windows(mono, window_s, hop_s)))
+        if sum(len(w) for _, w in pending) >= batch_size:
             flush()
-    if batch:
+    if pending:
         flush()
     bar.close()
-    if not vectors:
+    if cache is not None:
+        log.info("embedding_cache", hits=cache.hits, misses=cache.misses, dir=str(cache.dir))
+    if not per_clip:
         raise UsageError(f"none of the {len(clips)} clips could be used ({skips.unreadable} unreadable, "
                          f"{skips.silent} silent)")
-    return EmbeddedSet(torch.cat(vectors), owners, skips)
+    order = sorted(per_clip)
+    vectors = torch.cat([per_clip[i] for i in order])
+    owners = [clips[i] for i in order for _ in range(per_clip[i].shape[0])]
+    return EmbeddedSet(vectors, owners, skips)
 
 
 def split_held_out(clips: list[ClipInfo], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

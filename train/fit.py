@@ -27,6 +27,7 @@ from monitor.scorers import (
     ReconScorer,
     Standardizer,
 )
+from train.cache import EmbeddingCache, default_cache_dir
 from train.config import TrainConfig
 from train.data import data_fingerprint, embed_clips, normal_training_clips, split_held_out
 
@@ -134,8 +135,10 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     clips = normal_training_clips(root)
     t0 = time.monotonic()
     encoder = build_encoder(encoder_spec(cfg), dev)
+    use_cache = cfg.embedding_cache == "on" or (cfg.embedding_cache == "auto" and cfg.encoder != "mel")
+    cache = EmbeddingCache(default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
     embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
-                           batch_size=cfg.embed_batch_size, progress=progress)
+                           batch_size=cfg.embed_batch_size, progress=progress, cache=cache)
     embed_s = time.monotonic() - t0
     log.info("embedded", windows=embedded.embeddings.shape[0], dim=embedded.embeddings.shape[1],
              skipped=embedded.skipped.total, seconds=round(embed_s, 2))

@@ -124,3 +124,35 @@ def test_config_errors_name_the_key(tmp_path):
         load_train_config(None, val_fraction=1.5)
     with pytest.raises(UsageError, match="config file not found"):
         load_train_config(tmp_path / "nope.yaml")
+
+
+def test_example_config_loads():
+    from tests.helpers import REPO
+
+    cfg = load_train_config(REPO / "config" / "train.example.yaml")
+    assert cfg.learning_rate == 1e-3 and cfg.early_stop_patience == 20 and cfg.max_epochs == 500
+
+
+def test_embedding_cache_hits_and_invalidation(tone_data, tmp_path, monkeypatch):
+    from monitor.encoders.mel import MelImageEncoder
+    from monitor.labels import find_audio, parse_clip
+    from train.cache import EmbeddingCache
+    from train.data import embed_clips
+
+    clips = [parse_clip(p) for p in find_audio(tone_data / "train")][:6]
+    enc = MelImageEncoder()
+    calls = []
+    real = enc.forward
+    monkeypatch.setattr(enc, "forward", lambda w: calls.append(len(w)) or real(w))
+    cache = EmbeddingCache(tmp_path / "cache", enc.spec(), 10.0, None)
+    first = embed_clips(clips, enc, torch.device("cpu"), progress=False, cache=cache)
+    assert cache.misses == 6 and sum(calls) == 6
+    calls.clear()
+    cache2 = EmbeddingCache(tmp_path / "cache", enc.spec(), 10.0, None)
+    second = embed_clips(clips, enc, torch.device("cpu"), progress=False, cache=cache2)
+    assert cache2.hits == 6 and calls == []  # the encoder never ran
+    assert torch.equal(first.embeddings, second.embeddings)
+    # Another hop or front end is another key: nothing is reused.
+    cache3 = EmbeddingCache(tmp_path / "cache", enc.spec(), 10.0, 5.0)
+    embed_clips(clips, enc, torch.device("cpu"), progress=False, cache=cache3)
+    assert cache3.hits == 0
