@@ -14,10 +14,12 @@ from monitor.encoders.base import Embedding
 
 
 class MelImageEncoder(nn.Module):
-    name = "mel"
+    """`mel`; registered a second time as `conv`, the from-scratch convolutional autoencoder's
+    input: same image, which the cnn decoder's learnt stem then encodes."""
 
-    def __init__(self, params: MelParams = MelParams(), image_frames: int = 64):
+    def __init__(self, params: MelParams = MelParams(), image_frames: int = 64, name: str = "mel"):
         super().__init__()
+        self.name = name
         self.params = params
         self.image_frames = image_frames
         self.log_mel = LogMel(params)
@@ -38,4 +40,5 @@ class MelImageEncoder(nn.Module):
 
 def build_mel(spec: dict, device: torch.device) -> MelImageEncoder:
     params = MelParams(**spec.get("mel", {}))
-    return MelImageEncoder(params, int(spec.get("image_frames", 64))).to(device).eval()
+    enc = MelImageEncoder(params, int(spec.get("image_frames", 64)), name=spec.get("name", "mel"))
+    return enc.to(device).eval()

@@ -27,6 +27,7 @@ def _build_efficientat(spec: dict, device: torch.device) -> Encoder:
 # Lazy builders keep `import monitor` cheap and avoid importing optional model code up front.
 ENCODERS: dict[str, Callable[[dict, torch.device], Encoder]] = {
     "mel": _build_mel,
+    "conv": _build_mel,  # the mel image, encoded by the cnn decoder's learnt stem
     "efficientat": _build_efficientat,
 }
 
