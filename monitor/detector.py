@@ -17,7 +17,9 @@ from monitor.audio import SAMPLE_RATE_HZ, LogMel, MelParams
 from monitor.encoders.base import Encoder
 from monitor.encoders.registry import build_encoder
 from monitor.errors import ArtifactError, UsageError
-from monitor.scorers import SCORERS, Fusion, Scorer, Standardizer
+from monitor.decoders import pool_map
+from monitor.encoders.mel import MelImageEncoder
+from monitor.scorers import SCORERS, Features, Fusion, Scorer, Standardizer
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -46,6 +48,7 @@ class Detector:
         self.window_s = float(manifest.get("window_s", 10.0))
         self.name = manifest.get("name") or f"{manifest['encoder']['name']}+" + "+".join(scorers)
         self._log_mel: LogMel | None = None
+        self._mel_image: MelImageEncoder | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -88,21 +91,30 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
 
+    @property
+    def needs_map(self) -> bool:
+        return any(getattr(s, "needs_map", False) for s in self.scorers.values())
+
     @torch.inference_mode()
-    def embed(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(batch, samples) 16 kHz -> (batch, dim) raw embeddings on the detector's device."""
+    def features(self, windows: np.ndarray | torch.Tensor) -> Features:
+        """(batch, samples) 16 kHz -> raw features on the detector's device."""
         waves = torch.as_tensor(windows, dtype=torch.float32).to(self.device, non_blocking=True)
         if waves.ndim != 2:
             raise UsageError(f"expected (batch, samples) windows, got shape {tuple(waves.shape)}")
-        return self.encoder(waves).vector.float()
+        return encode(self.encoder, waves, with_map=self.needs_map, image=self._image_encoder())
+
+    def embed(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(batch, samples) 16 kHz -> (batch, dim) raw embeddings."""
+        return self.features(windows).vector
 
     @torch.inference_mode()
-    def score_embeddings(self, emb: torch.Tensor,
-                         machine_ids: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
-        """Per-scorer scores plus the fused `score` for a batch of raw embeddings."""
-        ids = list(machine_ids) if machine_ids is not None else [None] * emb.shape[0]
-        z = self.standardizer(emb.to(self.device))
-        parts = {name: s.score(z, ids) for name, s in self.scorers.items()}
+    def score_features(self, raw: Features,
+                       machine_ids: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
+        """Per-scorer scores plus the fused `score` for a batch of raw features."""
+        ids = list(machine_ids) if machine_ids is not None else [None] * raw.vector.shape[0]
+        raw = raw.to(self.device)
+        f = Features(self.standardizer(raw.vector), raw.map, raw.image)
+        parts = {name: s.score(f, ids) for name, s in self.scorers.items()}
         return {**parts, "score": self.fusion.combine(parts)}
 
     def score_windows(self, windows: np.ndarray,
@@ -110,10 +122,17 @@ class Detector:
         """(batch, samples) float32 16 kHz -> (batch,) float64 scores; higher = more anomalous."""
         if len(windows) == 0:
             return np.zeros(0)
-        out = self.score_embeddings(self.embed(windows), machine_ids)["score"]
+        out = self.score_features(self.features(windows), machine_ids)["score"]
         return out.double().cpu().numpy()
 
     # ------------------------------------------------------------------ evidence
+
+    def _image_encoder(self) -> MelImageEncoder | None:
+        if not self.needs_map:
+            return None
+        if self._mel_image is None:
+            self._mel_image = MelImageEncoder().to(self.device).eval()
+        return self._mel_image
 
     def log_mel(self, window: np.ndarray) -> np.ndarray:
         """(samples,) -> (128, frames) log-mel for plots."""
@@ -123,14 +142,29 @@ class Detector:
             return self._log_mel(torch.as_tensor(window, dtype=torch.float32)[None])[0].numpy()
 
     @torch.inference_mode()
-    def error_map(self, window: np.ndarray) -> np.ndarray | None:
-        """(n_mels, frames) squared reconstruction error where the model reconstructs a
-        time-frequency image (the mel+mlp baseline); None otherwise."""
+    def error_map(self, window: np.ndarray, machine_id: int | None = None) -> np.ndarray | None:
+        """(128, 64) squared reconstruction error over the log-mel image, for models that
+        reconstruct one (mel+mlp, any encoder + cnn); None for the others."""
         recon = self.scorers.get("recon")
-        if recon is None or self.manifest["encoder"]["name"] != "mel":
+        if recon is None:
             return None
-        emb = self.embed(window[None])
-        z = self.standardizer(emb)
-        err = (recon.model(z) - z) ** 2
-        frames = self.manifest["encoder"].get("image_frames", 64)
-        return err.reshape(-1, frames).cpu().numpy()
+        raw = self.features(window[None])
+        f = Features(self.standardizer(raw.vector), raw.map, raw.image)
+        err = recon.errors(f)[0]
+        if recon.needs_map:
+            return err.cpu().numpy()
+        if self.manifest["encoder"]["name"] in ("mel", "conv"):
+            return err.reshape(128, -1).cpu().numpy()
+        return None
+
+
+def encode(encoder: Encoder, waves: torch.Tensor, *, with_map: bool,
+           image: MelImageEncoder | None) -> Features:
+    """Run an encoder on a batch; with_map adds the pooled feature map and the mel image."""
+    out = encoder(waves)
+    if not with_map:
+        return Features(out.vector.float())
+    if out.feature_map is None:
+        raise UsageError(f"encoder {encoder.name} has no feature map for the cnn decoder")
+    img = image.image(waves) if image is not None else None
+    return Features(out.vector.float(), pool_map(out.feature_map.float()), img)

@@ -1,4 +1,5 @@
-"""Scorers: standardised embeddings (batch, dim) -> anomaly scores (batch,), higher = stranger.
+"""Scorers: features of a batch (standardised embedding, feature map) -> anomaly scores (batch,),
+higher = stranger.
 
 - `recon`: reconstruction error of an autoencoder trained on normal embeddings (the seed's method).
 - `knn`: mean distance to the k nearest normal training embeddings of the same machine ID.
@@ -15,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from monitor.decoders import DECODERS, CnnDecoder, default_mlp_dims, default_unet_dims
 from monitor.errors import ArtifactError, UsageError
 
 POOLED = "all"  # bank used for windows whose machine ID is unknown or was not in training
@@ -23,90 +25,117 @@ POOLED = "all"  # bank used for windows whose machine ID is unknown or was not i
 class Scorer(Protocol):
     name: str
 
-    def score(self, z: torch.Tensor, machine_ids: Sequence[int | None]) -> torch.Tensor: ...
+    def score(self, f: "Features", machine_ids: Sequence[int | None]) -> torch.Tensor: ...
 
     def config(self) -> dict: ...
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
 
-# --------------------------------------------------------------------------- decoders
+@dataclass(frozen=True)
+class Features:
+    """What scorers see for one batch."""
 
+    vector: torch.Tensor  # (batch, dim) standardised clip embedding
+    map: torch.Tensor | None = None  # (batch, C, f, t) encoder feature map, pooled (decoders.pool_map)
+    image: torch.Tensor | None = None  # (batch, 128, 64) log-mel image, the cnn decoder's target
 
-class MLPAutoencoder(nn.Module):
-    """Symmetric MLP autoencoder: dims [in, h1, ..., bottleneck] mirrored back to `in`, ReLU."""
+    def select(self, idx) -> Features:
+        return Features(self.vector[idx], None if self.map is None else self.map[idx],
+                        None if self.image is None else self.image[idx])
 
-    def __init__(self, dims: Sequence[int]):
-        super().__init__()
-        if len(dims) < 2:
-            raise UsageError(f"an MLP autoencoder needs at least 2 widths, got {list(dims)}")
-        self.dims = [int(d) for d in dims]
-        enc: list[nn.Module] = []
-        for a, b in zip(self.dims[:-1], self.dims[1:]):
-            enc += [nn.Linear(a, b), nn.ReLU()]
-        dec: list[nn.Module] = []
-        rev = self.dims[::-1]
-        for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
-            dec.append(nn.Linear(a, b))
-            if i < len(rev) - 2:  # linear output: standardised inputs are not non-negative
-                dec.append(nn.ReLU())
-        self.encoder = nn.Sequential(*enc)
-        self.decoder = nn.Sequential(*dec)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # (batch, in) -> (batch, bottleneck) -> (batch, in)
-        return self.decoder(self.encoder(z))
-
-
-def default_mlp_dims(input_dim: int) -> list[int]:
-    """The seed's widths: 8192 -> ... -> 256 for the log-mel image, 768 -> 256 for AST, etc."""
-    if input_dim == 8192:
-        return [8192, 4096, 2048, 1024, 512, 256]
-    if input_dim >= 2048:
-        return [input_dim, 1024, 512, 256]
-    if input_dim >= 1024:
-        return [input_dim, 512, 256]
-    return [input_dim, max(32, min(256, input_dim // 2))]
-
-
-DECODERS = {"mlp": MLPAutoencoder}
+    def to(self, device) -> Features:
+        return Features(*(None if t is None else t.to(device) for t in (self.vector, self.map, self.image)))
 
 
 class ReconScorer:
+    """Reconstruction error of an autoencoder trained on normal data.
+
+    Vector decoders (mlp, unet) reconstruct the standardised embedding. The cnn decoder
+    reconstructs the per-band standardised log-mel image from the per-channel standardised
+    feature map; its squared error per time-frequency cell is the evidence map.
+    """
+
     name = "recon"
 
-    def __init__(self, model: nn.Module, decoder: str, dims: Sequence[int]):
+    def __init__(self, model: nn.Module, decoder: str, dims: Sequence[int] | None = None,
+                 map_shape: Sequence[int] | None = None, stats: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.decoder = decoder
-        self.dims = list(dims)
+        self.dims = list(dims) if dims else None
+        self.map_shape = list(map_shape) if map_shape else None
+        self.stats = stats or {}
+
+    @property
+    def needs_map(self) -> bool:
+        return self.decoder == "cnn"
 
     @classmethod
-    def build(cls, decoder: str, input_dim: int, dims: Sequence[int] | None = None) -> ReconScorer:
+    def build(cls, decoder: str, input_dim: int, dims: Sequence[int] | None = None,
+              map_shape: Sequence[int] | None = None) -> ReconScorer:
         if decoder not in DECODERS:
             raise UsageError(f"unknown decoder {decoder!r}; available: {', '.join(DECODERS)}")
-        dims = list(dims) if dims else default_mlp_dims(input_dim)
+        if decoder == "cnn":
+            if not map_shape:
+                raise UsageError("the cnn decoder needs an encoder with a feature map")
+            c, f, t = map_shape
+            return cls(CnnDecoder(c, (f, t)), decoder, map_shape=map_shape)
+        default = default_unet_dims if decoder == "unet" else default_mlp_dims
+        dims = list(dims) if dims else default(input_dim)
         if dims[0] != input_dim:
             raise UsageError(f"decoder widths {dims} do not start at the embedding width {input_dim}")
         return cls(DECODERS[decoder](dims), decoder, dims)
 
-    def score(self, z, machine_ids):
-        # (batch, dim) -> (batch,) mean squared reconstruction error
-        return ((self.model(z) - z) ** 2).mean(dim=1)
+    def fit_stats(self, f: Features) -> None:
+        """Per-channel map and per-band image statistics (cnn decoder only)."""
+        if not self.needs_map:
+            return
+        self.stats = {
+            "map_mean": f.map.mean(dim=(0, 2, 3)), "map_std": f.map.std(dim=(0, 2, 3)).clamp_min(1e-4),
+            "image_mean": f.image.mean(dim=(0, 2)), "image_std": f.image.std(dim=(0, 2)).clamp_min(1e-4),
+        }
+
+    def prepare(self, f: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoder input, reconstruction target) for a batch."""
+        if not self.needs_map:
+            return f.vector, f.vector
+        st = {k: v.to(f.map.device) for k, v in self.stats.items()}
+        x = (f.map - st["map_mean"][:, None, None]) / st["map_std"][:, None, None]
+        y = (f.image - st["image_mean"][:, None]) / st["image_std"][:, None]
+        return x, y
+
+    def errors(self, f: Features) -> torch.Tensor:
+        """Squared error per reconstructed value: (batch, dim) or (batch, 128, 64)."""
+        x, y = self.prepare(f)
+        return (self.model(x) - y) ** 2
+
+    def score(self, f: Features, machine_ids):
+        # (batch, ...) -> (batch,) mean squared reconstruction error
+        return self.errors(f).flatten(1).mean(dim=1)
 
     def config(self) -> dict:
-        return {"name": self.name, "decoder": self.decoder, "dims": self.dims}
+        cfg: dict = {"name": self.name, "decoder": self.decoder}
+        if self.dims:
+            cfg["dims"] = self.dims
+        if self.map_shape:
+            cfg["map_shape"] = self.map_shape
+        return cfg
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ae.{k}": v for k, v in self.model.state_dict().items()}
+        out = {f"ae.{k}": v for k, v in self.model.state_dict().items()}
+        out.update({f"stats.{k}": v for k, v in self.stats.items()})
+        return out
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> ReconScorer:
-        scorer = cls.build(config["decoder"], config["dims"][0], config["dims"])
+        dims = config.get("dims")
+        scorer = cls.build(config["decoder"], dims[0] if dims else 0, dims, config.get("map_shape"))
         state = {k[3:]: v for k, v in tensors.items() if k.startswith("ae.")}
         try:
             scorer.model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ArtifactError(f"recon decoder weights do not match its config: {_short(exc)}") from None
+        scorer.stats = {k[6:]: v for k, v in tensors.items() if k.startswith("stats.")}
         scorer.model.eval()
         return scorer
 
@@ -156,7 +185,8 @@ class KnnScorer(_PerIdScorer):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=1) if self.metric == "cosine" else x
 
-    def score(self, z, machine_ids):
+    def score(self, f: Features, machine_ids):
+        z = f.vector
         _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         for key, idx in self._groups(machine_ids, self.banks).items():
@@ -275,7 +305,8 @@ class MahalanobisScorer(_PerIdScorer):
             raise UsageError("mahalanobis needs at least 2 normal training windows")
         return cls(models)
 
-    def score(self, z, machine_ids):
+    def score(self, f: Features, machine_ids):
+        z = f.vector
         _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         for key, idx in self._groups(machine_ids, self.models).items():

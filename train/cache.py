@@ -47,23 +47,25 @@ class EmbeddingCache:
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.safetensors"
 
-    def get(self, digest: str) -> torch.Tensor | None:
+    def get(self, digest: str) -> dict[str, torch.Tensor] | None:
         path = self._path(digest)
         if not path.is_file():
             self.misses += 1
             return None
         try:
-            vectors = load_file(str(path))["vectors"]
+            entry = load_file(str(path))
+            entry["vectors"]  # noqa: B018 - every entry has vectors; a missing key is corruption
         except (SafetensorError, OSError, KeyError) as exc:
             self.log.warning("cache_entry_unreadable", path=str(path), error=str(exc))
             self.misses += 1
             return None
         self.hits += 1
-        return vectors
+        return entry
 
-    def put(self, digest: str, vectors: torch.Tensor) -> None:
+    def put(self, digest: str, entry: dict[str, torch.Tensor]) -> None:
+        """entry: "vectors" (windows, dim), optionally "maps" and "images"."""
         path = self._path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({"vectors": vectors.contiguous().cpu()}, str(tmp))
+        save_file({k: v.contiguous().cpu() for k, v in entry.items()}, str(tmp))
         os.replace(tmp, path)  # readers never see a half-written entry

@@ -15,6 +15,9 @@ from monitor.errors import UsageError
 from monitor.labels import NORMAL, ClipInfo, find_audio, parse_clip
 from monitor.logs import get_logger
 from monitor.audio import split_windows
+from monitor.detector import encode
+from monitor.encoders.mel import MelImageEncoder
+from monitor.scorers import Features
 from monitor.replay import SkipCounter, load_checked
 from train.cache import EmbeddingCache, file_digest
 
@@ -24,6 +27,12 @@ class EmbeddedSet:
     embeddings: torch.Tensor  # (windows, dim) raw encoder output, on the CPU
     clips: list[ClipInfo]  # one per window
     skipped: SkipCounter
+    maps: torch.Tensor | None = None  # (windows, C, f, t) pooled feature maps, when asked for
+    images: torch.Tensor | None = None  # (windows, 128, 64) log-mel images, when asked for
+
+    def features(self, idx=None) -> Features:
+        f = Features(self.embeddings, self.maps, self.images)
+        return f if idx is None else f.select(idx)
 
     @property
     def machine_ids(self) -> list[int | None]:
@@ -56,18 +65,22 @@ def data_fingerprint(clips: list[ClipInfo]) -> str:
 def embed_clips(clips: list[ClipInfo], encoder: Encoder, device: torch.device, *,
                 window_s: float = 10.0, hop_s: float | None = None, batch_size: int = 16,
                 progress: bool = True, desc: str = "embedding",
-                cache: EmbeddingCache | None = None) -> EmbeddedSet:
-    """Embed every window of every clip; with a cache, only files not seen before are encoded."""
+                cache: EmbeddingCache | None = None, with_map: bool = False) -> EmbeddedSet:
+    """Embed every window of every clip; with a cache, only files not seen before are encoded.
+
+    with_map adds the pooled feature maps and log-mel images that the cnn decoder needs.
+    """
     log = get_logger(stage="embed")
     skips = SkipCounter()
-    per_clip: dict[int, torch.Tensor] = {}
+    image = MelImageEncoder().to(device).eval() if with_map else None
+    per_clip: dict[int, dict[str, torch.Tensor]] = {}
     digests: dict[int, str] = {}
     todo: list[int] = []
     for i, clip in enumerate(clips):
         if cache is not None:
             digests[i] = file_digest(clip.path) if clip.path.is_file() else ""
             hit = cache.get(digests[i]) if digests[i] else None
-            if hit is not None:
+            if hit is not None and (not with_map or "maps" in hit):
                 per_clip[i] = hit
                 continue
         todo.append(i)
@@ -77,9 +90,13 @@ def embed_clips(clips: list[ClipInfo], encoder: Encoder, device: torch.device, *
     def flush() -> None:
         waves = torch.from_numpy(np.concatenate([w for _, w in pending])).to(device)
         with torch.inference_mode():
-            vectors = encoder(waves).vector.float().cpu()
-        for (i, w), part in zip(pending, torch.split(vectors, [len(w) for _, w in pending])):
-            per_clip[i] = part.clone()
+            f = encode(encoder, waves, with_map=with_map, image=image)
+        parts = {k: v.cpu() for k, v in (("vectors", f.vector), ("maps", f.map), ("images", f.image))
+                 if v is not None}
+        sizes = [len(w) for _, w in pending]
+        split = {k: torch.split(v, sizes) for k, v in parts.items()}
+        for n, (i, _) in enumerate(pending):
+            per_clip[i] = {k: v[n].clone() for k, v in split.items()}
             if cache is not None and digests.get(i):
                 cache.put(digests[i], per_clip[i])
         pending.clear()
@@ -103,9 +120,12 @@ def embed_clips(clips: list[ClipInfo], encoder: Encoder, device: torch.device, *
         raise UsageError(f"none of the {len(clips)} clips could be used ({skips.unreadable} unreadable, "
                          f"{skips.silent} silent)")
     order = sorted(per_clip)
-    vectors = torch.cat([per_clip[i] for i in order])
-    owners = [clips[i] for i in order for _ in range(per_clip[i].shape[0])]
-    return EmbeddedSet(vectors, owners, skips)
+
+    def cat(key: str) -> torch.Tensor | None:
+        return torch.cat([per_clip[i][key] for i in order]) if with_map or key == "vectors" else None
+
+    owners = [clips[i] for i in order for _ in range(per_clip[i]["vectors"].shape[0])]
+    return EmbeddedSet(cat("vectors"), owners, skips, cat("maps"), cat("images"))
 
 
 def split_held_out(clips: list[ClipInfo], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from monitor.scorers import (
     KnnScorer,
     MahalanobisScorer,
     ReconScorer,
+    Features,
     Standardizer,
 )
 from train.cache import EmbeddingCache, default_cache_dir
@@ -52,36 +53,41 @@ def encoder_spec(cfg: TrainConfig) -> dict:
     return spec
 
 
-def train_autoencoder(scorer: ReconScorer, z_train: torch.Tensor, z_val: torch.Tensor,
+def train_autoencoder(scorer: ReconScorer, f_train: Features, f_val: Features,
                       cfg: TrainConfig, device: torch.device, progress: bool = True) -> list[EpochLog]:
     """Adam + ReduceLROnPlateau + early stopping, all on the held-out loss; keeps the best weights."""
     log = get_logger(stage="train")
     model = scorer.model.to(device)
+    x_train, y_train = (t.to(device) for t in scorer.prepare(f_train.to(device)))
+    x_val, y_val = (t.to(device) for t in scorer.prepare(f_val.to(device)))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     gen = torch.Generator().manual_seed(cfg.seed)
-    z_train, z_val = z_train.to(device), z_val.to(device)
     best, best_state, since_best = math.inf, None, 0
     history: list[EpochLog] = []
     bar = tqdm(range(1, cfg.max_epochs + 1), unit="epoch", desc="training", disable=not progress,
                leave=False)
     for epoch in bar:
         model.train()
-        order = torch.randperm(z_train.shape[0], generator=gen).to(device)
+        order = torch.randperm(x_train.shape[0], generator=gen).to(device)
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
-            xb = z_train[order[i : i + cfg.batch_size]]
-            loss = ((model(xb) - xb) ** 2).mean()
+            idx = order[i : i + cfg.batch_size]
+            if len(idx) < 2 and scorer.needs_map:
+                continue  # BatchNorm cannot train on a batch of one
+            xb, yb = x_train[idx], y_train[idx]
+            loss = ((model(xb) - yb) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * xb.shape[0]
         model.eval()
         with torch.inference_mode():
-            val = float(((model(z_val) - z_val) ** 2).mean())
+            val = float(torch.cat([((model(x_val[j : j + 64]) - y_val[j : j + 64]) ** 2).flatten(1)
+                                   for j in range(0, x_val.shape[0], 64)]).mean())
         sched.step(val)
-        entry = EpochLog(epoch, total / z_train.shape[0], val, opt.param_groups[0]["lr"])
+        entry = EpochLog(epoch, total / x_train.shape[0], val, opt.param_groups[0]["lr"])
         history.append(entry)
         log.info("epoch_done", epoch=epoch, train_loss=round(entry.train_loss, 6),
                  val_loss=round(val, 6), lr=entry.lr)
@@ -137,8 +143,10 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     encoder = build_encoder(encoder_spec(cfg), dev)
     use_cache = cfg.embedding_cache == "on" or (cfg.embedding_cache == "auto" and cfg.encoder != "mel")
     cache = EmbeddingCache(default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
+    with_map = "recon" in cfg.scorers and cfg.decoder == "cnn"
     embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
-                           batch_size=cfg.embed_batch_size, progress=progress, cache=cache)
+                           batch_size=cfg.embed_batch_size, progress=progress, cache=cache,
+                           with_map=with_map)
     embed_s = time.monotonic() - t0
     log.info("embedded", windows=embedded.embeddings.shape[0], dim=embedded.embeddings.shape[1],
              skipped=embedded.skipped.total, seconds=round(embed_s, 2))
@@ -146,24 +154,28 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     ids = embedded.machine_ids
     ids_tr, ids_ho = [ids[i] for i in tr], [ids[i] for i in ho]
     std = Standardizer.fit(embedded.embeddings[tr])
-    z_tr, z_ho = std(embedded.embeddings[tr]), std(embedded.embeddings[ho])
+    f_tr, f_ho = embedded.features(tr), embedded.features(ho)
+    f_tr = Features(std(f_tr.vector), f_tr.map, f_tr.image)
+    f_ho = Features(std(f_ho.vector), f_ho.map, f_ho.image)
 
     t1 = time.monotonic()
     scorers: dict = {}
     history: list[EpochLog] = []
     for name in cfg.scorers:
         if name == "recon":
-            rec = ReconScorer.build(cfg.decoder, z_tr.shape[1], cfg.decoder_dims)
-            history = train_autoencoder(rec, z_tr, z_ho, cfg, dev, progress)
+            map_shape = list(f_tr.map.shape[1:]) if f_tr.map is not None else None
+            rec = ReconScorer.build(cfg.decoder, f_tr.vector.shape[1], cfg.decoder_dims, map_shape)
+            rec.fit_stats(f_tr)
+            history = train_autoencoder(rec, f_tr, f_ho, cfg, dev, progress)
             scorers[name] = rec
         elif name == "knn":
-            scorers[name] = KnnScorer.fit(z_tr, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
+            scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
         elif name == "mahalanobis":
-            scorers[name] = MahalanobisScorer.fit(z_tr, ids_tr)
+            scorers[name] = MahalanobisScorer.fit(f_tr.vector, ids_tr)
     fit_s = time.monotonic() - t1
 
     with torch.inference_mode():
-        parts = {n: s.score(z_ho.to(dev), ids_ho).double().cpu() for n, s in scorers.items()}
+        parts = {n: s.score(f_ho.to(dev), ids_ho).double().cpu() for n, s in scorers.items()}
     fusion = Fusion(cfg.fusion, {n: (float(v.mean()), float(v.std().clamp_min(1e-12)))
                                  for n, v in parts.items()})
     held_scores = fusion.combine(parts).numpy()

@@ -6,7 +6,8 @@ import torch
 
 from monitor.detector import Detector
 from monitor.errors import UsageError
-from monitor.scorers import KnnScorer, MahalanobisScorer, MLPAutoencoder, ReconScorer, ledoit_wolf
+from monitor.decoders import MLPAutoencoder
+from monitor.scorers import Features, KnnScorer, MahalanobisScorer, ReconScorer, ledoit_wolf
 from train.config import load_train_config
 from train.evaluate import evaluate
 from train.fit import calibrate_threshold, fit_model, train_autoencoder
@@ -27,7 +28,8 @@ def test_training_loop_learns_low_rank_structure():
     z = (z - z.mean(0)) / z.std(0)
     scorer = ReconScorer.build("mlp", 64, [64, 32, 8])
     cfg = load_train_config(None, max_epochs=60, early_stop_patience=60, batch_size=32)
-    hist = train_autoencoder(scorer, z[:360], z[360:], cfg, torch.device("cpu"), progress=False)
+    hist = train_autoencoder(scorer, Features(z[:360]), Features(z[360:]), cfg, torch.device("cpu"),
+                             progress=False)
     assert hist[-1].train_loss < 0.3 * hist[0].train_loss
     assert min(h.val_loss for h in hist) < 0.3 * hist[0].val_loss
 
@@ -71,9 +73,9 @@ def test_knn_uses_the_machine_id_bank():
     z = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
     knn = KnnScorer.fit(z, [0, 0, 1, 1], k=1, metric="euclidean")
     q = torch.tensor([[0.0, 1.0]])
-    assert knn.score(q, [1]).item() == pytest.approx(0.0)
-    assert knn.score(q, [0]).item() == pytest.approx(np.hypot(1.0, 0.9), rel=1e-5)
-    assert knn.score(q, [None]).item() == pytest.approx(0.0)  # pooled bank for unknown IDs
+    assert knn.score(Features(q), [1]).item() == pytest.approx(0.0)
+    assert knn.score(Features(q), [0]).item() == pytest.approx(np.hypot(1.0, 0.9), rel=1e-5)
+    assert knn.score(Features(q), [None]).item() == pytest.approx(0.0)  # pooled bank for unknown IDs
 
 
 def test_ledoit_wolf_matches_sklearn_formula():
@@ -92,14 +94,14 @@ def test_ledoit_wolf_matches_sklearn_formula():
     q = torch.from_numpy(x[:5]).float()
     full = MahalanobisScorer.fit(torch.from_numpy(x).float(), [0] * 40)
     ref = np.sqrt(np.einsum("bi,ij,bj->b", x[:5] - x.mean(0), np.linalg.inv(cov), x[:5] - x.mean(0)))
-    assert np.allclose(full.score(q, [0] * 5).numpy(), ref, rtol=1e-3)
+    assert np.allclose(full.score(Features(q), [0] * 5).numpy(), ref, rtol=1e-3)
     wide = rng.normal(size=(12, 30))
     low = MahalanobisScorer.fit(torch.from_numpy(wide).float(), [0] * 12)
     assert low.models["all"].basis is not None
     cw = ledoit_wolf(torch.from_numpy(wide)).numpy()
     dw = wide[:3] - wide.mean(0)
     ref = np.sqrt(np.einsum("bi,ij,bj->b", dw, np.linalg.inv(cw), dw))
-    assert np.allclose(low.score(torch.from_numpy(wide[:3]).float(), [0] * 3).numpy(), ref, rtol=1e-3)
+    assert np.allclose(low.score(Features(torch.from_numpy(wide[:3]).float()), [0] * 3).numpy(), ref, rtol=1e-3)
 
 
 def test_threshold_calibration():
@@ -156,3 +158,32 @@ def test_embedding_cache_hits_and_invalidation(tone_data, tmp_path, monkeypatch)
     cache3 = EmbeddingCache(tmp_path / "cache", enc.spec(), 10.0, 5.0)
     embed_clips(clips, enc, torch.device("cpu"), progress=False, cache=cache3)
     assert cache3.hits == 0
+
+
+@pytest.mark.parametrize("encoder,decoder", [("mel", "unet"), ("conv", "cnn"), ("mel", "cnn")])
+def test_every_decoder_trains_saves_and_scores(tone_data, tmp_path, encoder, decoder):
+    cfg = load_train_config(None, encoder=encoder, decoder=decoder, max_epochs=4, batch_size=8,
+                            decoder_dims=(8192, 256, 128, 32) if decoder == "unet" else None)
+    result = fit_model(tone_data, tmp_path / "m", cfg, device="cpu", progress=False)
+    assert result["epochs"] == 4 and result["parameters"] > 0
+    det = Detector.load(tmp_path / "m", device="cpu")
+    assert det.manifest["scorers"][0]["decoder"] == decoder
+    windows = np.random.default_rng(0).normal(0, 0.05, (2, 160000)).astype(np.float32)
+    scores = det.score_windows(windows)
+    assert scores.shape == (2,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
+    emap = det.error_map(windows[0])
+    if decoder == "cnn":
+        assert emap.shape == (128, 64)
+        # the error map is the score's per-cell breakdown
+        assert emap.mean() == pytest.approx(scores[0], rel=1e-4)
+    else:
+        assert emap.shape == (128, 64)  # the mel image reconstructed by unet
+
+
+def test_unet_shape_follows_the_seed():
+    from monitor.decoders import UNetAutoencoder, default_unet_dims
+
+    assert default_unet_dims(768) == [768, 1024, 512, 128]
+    net = UNetAutoencoder([768, 1024, 512, 128])
+    linears = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [(768, 1024), (1024, 512), (512, 128), (128, 512), (1024, 1024), (2048, 768)]
