@@ -99,6 +99,22 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from train.compare import compare
+    from train.config import load_train_config
+
+    base = load_train_config(args.config, max_epochs=args.max_epochs, seed=args.seed)
+    split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
+    compare(args.data, args.out, encoders=split(args.encoders),
+            decoders=split(args.decoders) or ("mlp", "unet", "cnn"),
+            scorers=split(args.scorers) or ("recon", "knn", "mahalanobis"), seeds=args.seeds,
+            base=base, device=args.device, progress=_progress(args))
+    print((Path(args.out) / "compare.md").read_text())
+    print(f"table: {Path(args.out) / 'compare.md'}, {Path(args.out) / 'compare.csv'}; "
+          f"plot: {Path(args.out) / 'compare.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from train.demo import run_demo
 
@@ -160,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_replay)
+
+    c = sub.add_parser("compare", help="train and evaluate every encoder x decoder/scorer pair")
+    c.add_argument("--data", required=True, help="data directory with train/ and test/")
+    c.add_argument("--out", required=True, help="report directory (compare.md, .csv, .png)")
+    c.add_argument("--encoders", default=None, help="comma-separated (default: all registered)")
+    c.add_argument("--decoders", default=None, help="comma-separated (default: mlp,unet,cnn)")
+    c.add_argument("--scorers", default=None, help="comma-separated (default: recon,knn,mahalanobis)")
+    c.add_argument("--seeds", type=int, default=1, help="retrain each pair with N seeds")
+    c.add_argument("--config", default=None, help="YAML with training settings for every pair")
+    c.add_argument("--max-epochs", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="synth, train, evaluate and replay on embedded defaults")
     d.add_argument("--out", default="demo-out")

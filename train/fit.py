@@ -129,7 +129,7 @@ def score_summary(scores: np.ndarray) -> dict:
 
 
 def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: str = "auto",
-              progress: bool = True) -> dict:
+              progress: bool = True, cache_dir: Path | None = None) -> dict:
     """Train and save an artifact; returns a summary dict for the CLI."""
     log = get_logger(stage="train")
     seed_everything(cfg.seed)
@@ -142,7 +142,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     t0 = time.monotonic()
     encoder = build_encoder(encoder_spec(cfg), dev)
     use_cache = cfg.embedding_cache == "on" or (cfg.embedding_cache == "auto" and cfg.encoder != "mel")
-    cache = EmbeddingCache(default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
     with_map = "recon" in cfg.scorers and cfg.decoder == "cnn"
     embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
                            batch_size=cfg.embed_batch_size, progress=progress, cache=cache,
