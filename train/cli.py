@@ -79,7 +79,11 @@ def cmd_evaluate(args) -> int:
         print(f"  at threshold {m['threshold']:.6g}: TPR {m['tpr_at_threshold']:.3f}  "
               f"FPR {m['fpr_at_threshold']:.3f}")
     if args.report:
-        print(f"  report: {', '.join(m['report'].values())}")
+        rep = m["report"]
+        print(f"  report: {rep['scores']}, {rep['roc']}, {rep['histogram']}")
+        if rep.get("evidence"):
+            print(f"  evidence for the {len(rep['evidence'])} most anomalous clips: "
+                  f"{Path(rep['evidence'][0]).parent}/")
     return 0
 
 

@@ -133,4 +133,31 @@ def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", repor
     metrics["skipped_files"] = skips.total
     if report:
         metrics["report"] = write_report(report, rows, metrics, detector.threshold, detector.name)
+        metrics["report"]["evidence"] = write_evidence(Path(report) / "evidence", detector, rows)
     return metrics
+
+
+def write_evidence(out: Path, detector: Detector, rows: list[dict], top: int = 4) -> list[str]:
+    """PNG per most anomalous clip: log-mel plus the error map / attention rollout when the
+    model has one. Returns the written paths."""
+    from monitor.audio import load_audio, split_windows
+    from monitor.plots import save_evidence_png
+
+    rollout = getattr(detector.encoder, "attention_rollout", None)
+    paths = []
+    for rank, r in enumerate(sorted(rows, key=lambda r: -r["score"])[:top], 1):
+        window = split_windows(load_audio(r["file"]))[0]
+        emap = detector.error_map(window)
+        att = None
+        if rollout is not None:
+            import torch
+
+            with torch.inference_mode():
+                att = rollout(torch.as_tensor(window[None]).to(detector.device))[0].cpu().numpy()
+        if emap is None and att is None and rank > 1:
+            break  # nothing model-specific to show: one log-mel picture is enough
+        name = f"{rank:02d}_{Path(r['file']).stem}.png"
+        title = f"{Path(r['file']).name}  score {r['score']:.4g} (threshold {detector.threshold:.4g}), {r['label']}"
+        paths.append(str(save_evidence_png(out / name, detector.log_mel(window), error_map=emap,
+                                           attention=att, title=title)))
+    return paths

@@ -39,6 +39,9 @@ def test_train_evaluate_replay_end_to_end(tone_data, tmp_path):
     for name in ("scores.csv", "roc.png", "histogram.png"):
         assert (report / name).stat().st_size > 0
     assert len((report / "scores.csv").read_text().splitlines()) == 17
+    evidence = sorted((report / "evidence").glob("*.png"))
+    assert len(evidence) == 4 and evidence[0].name.startswith("01_anomaly")
+    assert metrics["report"]["evidence"] == [str(p) for p in evidence]
 
     out = tmp_path / "replay.jsonl"
     proc = harken("replay", "--model", str(model), str(tone_data / "test"), "--out", str(out))
