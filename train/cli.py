@@ -119,6 +119,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from train.bench import run_bench, speedups, to_json
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise UsageError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    precisions = tuple(args.precision.split(",")) if args.precision else None
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    if not args.json:
+        print("harken bench: random-initialised weights unless noted (timing does not depend on them)")
+    rows = run_bench(args.encoder or ["mel", "efficientat"], device=args.device, batches=batches,
+                     seconds=args.seconds, precisions=precisions, threads=args.threads, log=log)
+    if args.json:
+        print(to_json(rows))
+        return 0
+    print()
+    for name, s in speedups(rows).items():
+        print(f"{name}: harken {s['best_windows_per_s']:.1f} windows/s ({s['best']}) vs reference "
+              f"{s['reference_windows_per_s']:.1f} windows/s: {s['speedup']:.2f}x "
+              f"(reference/harken time per window b/a = {s['reference_over_harken_time']:.2f})")
+    print(f"peak RSS {max(r.peak_rss_mb for r in rows):.0f} MB")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from train.demo import run_demo
 
@@ -194,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="inference speed: harken's path vs the reference pipeline")
+    b.add_argument("--encoder", action="append", help="encoder to time (repeatable; default mel, efficientat)")
+    b.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    b.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    b.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
+    b.add_argument("--precision", default=None, help="fp32,bf16 (default both) or fp16 on CUDA")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="synth, train, evaluate and replay on embedded defaults")
     d.add_argument("--out", default="demo-out")
