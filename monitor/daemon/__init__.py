@@ -1,0 +1,1 @@
+"""The line-side monitoring daemon: sources -> ring buffers -> inference -> alarms -> publishers."""
