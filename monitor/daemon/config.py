@@ -8,10 +8,26 @@ are used when it is absent.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 import socket
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from monitor.errors import UsageError
 
 SOURCE_KINDS = ("folder", "mic", "mqtt")
+
+
+def default_node() -> str:
+    """The host name made topic-safe: `line1.plant.example` -> `line1`."""
+    short = socket.gethostname().split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", short) or "harken"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -73,6 +89,8 @@ class SourceConfig:
     format: str = "s16le"  # s16le | f32le (stream mode)
     mode: str = "stream"  # stream: raw PCM chunks; window: each message is one WAV clip
     max_payload_bytes: int = 4_000_000
+    # folder, benchmarks: realtime pacing sped up by this factor (1.0: real time)
+    time_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     sources: tuple[SourceConfig, ...]
-    node: str = field(default_factory=socket.gethostname)
+    node: str = field(default_factory=lambda: default_node())
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; None: torch's default
     state_dir: str = "/var/lib/harken"  # evidence, outbox; $STATE_DIRECTORY overrides the default
@@ -106,3 +124,305 @@ class DaemonConfig:
     sensor_faults: bool = False  # silence / clipping raise `sensor_fault` events
     evidence: EvidenceConfig = EvidenceConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+
+# --------------------------------------------------------------------------- loading
+
+SOURCE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+SPEEDS = ("max", "realtime")
+AUDIO_FORMATS = ("s16le", "f32le")
+MQTT_MODES = ("stream", "window")
+
+
+class ConfigError(UsageError):
+    """Every problem of a config file at once; `str()` joins them into the CLI's one line."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.where = where
+        self.problems = list(problems)
+        super().__init__(f"{where}: " + "; ".join(self.problems))
+
+
+def from_mapping(cls: type, data: object, path: str, problems: list[str]):
+    """Build dataclass `cls` from a YAML mapping by its type hints; problems (with their dotted
+    paths) are appended to `problems` and the result is None when any field was unusable."""
+    if not isinstance(data, dict):
+        problems.append(f"{path or '(top level)'}: expected a mapping, got {_kind(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in known:
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        before = len(problems)
+        converted = _convert(value, hints[key], where, problems)
+        if len(problems) == before or converted is not None:  # partial lists/mappings too
+            values[key] = converted
+    complete = True
+    for name, f in known.items():
+        if name not in values and f.default is MISSING and f.default_factory is MISSING:
+            if name not in data:
+                problems.append(f"{path + '.' if path else ''}{name}: required key is missing")
+            complete = False
+    # A field with a bad value keeps its default so the value checks still run on the rest and
+    # every problem is reported at once; the caller knows from `problems` not to use it.
+    return cls(**values) if complete else None
+
+
+def _convert(value: object, hint, path: str, problems: list[str]):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            problems.append(f"{path}: must not be empty")
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # the first type that takes the value without complaint
+            trial: list[str] = []
+            out = _convert(value, option, path, trial)
+            if not trial:
+                return out
+        if len(options) == 1:
+            return _convert(value, options[0], path, problems)
+        names = " or ".join(_type_name(a) for a in options)
+        problems.append(f"{path}: expected {names}, got {_kind(value)} ({value!r})")
+        return None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {_kind(value)} ({value!r})")
+            return None
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
+                return None
+            item_types = list(args)
+        return tuple(_convert(v, t, f"{path}[{i}]", problems)
+                     for i, (v, t) in enumerate(zip(value, item_types)))
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, path, problems)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_kind(value)}")
+            return None
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # a field type this loader does not know: a bug in the schema, not in the YAML
+        raise TypeError(f"{path}: unsupported config field type {hint!r}")
+    problems.append(f"{path}: expected {_type_name(hint)}, got {_kind(value)} ({value!r})")
+    return None
+
+
+def _type_name(hint) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def validate(cfg: DaemonConfig) -> list[str]:
+    """Value checks the types cannot express, each naming its dotted path."""
+    problems: list[str] = []
+
+    def check(ok: bool, path: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{path}: {msg}")
+
+    check(bool(SOURCE_ID.match(cfg.node)), "node",
+          f"must use only letters, digits, '_' and '-' (it is part of MQTT topics), got {cfg.node!r}")
+    check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    check(cfg.threads is None or cfg.threads >= 1, "threads", f"must be >= 1, got {cfg.threads}")
+    check(cfg.queue_max_windows >= 1, "queue_max_windows", f"must be >= 1, got {cfg.queue_max_windows}")
+    check(cfg.batch_max >= 1, "batch_max", f"must be >= 1, got {cfg.batch_max}")
+    check(cfg.stats_interval_s > 0, "stats_interval_s", f"must be > 0, got {cfg.stats_interval_s}")
+    check(cfg.watchdog_dead_s > 0, "watchdog_dead_s", f"must be > 0, got {cfg.watchdog_dead_s}")
+    check(cfg.jsonl is None or cfg.jsonl != "", "jsonl", "must be a path or '-'")
+    problems += _alarm_problems(cfg.alarm, "alarm")
+    check(cfg.evidence.max_count >= 1, "evidence.max_count", f"must be >= 1, got {cfg.evidence.max_count}")
+    check(cfg.evidence.max_bytes >= 1, "evidence.max_bytes", f"must be >= 1, got {cfg.evidence.max_bytes}")
+    check(1 <= cfg.metrics.port <= 65535, "metrics.port", f"must be in 1-65535, got {cfg.metrics.port}")
+    if cfg.mqtt is not None:
+        m = cfg.mqtt
+        check(bool(m.host), "mqtt.host", "must not be empty")
+        check(1 <= m.port <= 65535, "mqtt.port", f"must be in 1-65535, got {m.port}")
+        check(bool(m.topic_prefix) and not set("+#") & set(m.topic_prefix), "mqtt.topic_prefix",
+              f"must be non-empty without MQTT wildcards, got {m.topic_prefix!r}")
+        check(m.keepalive_s >= 1, "mqtt.keepalive_s", f"must be >= 1, got {m.keepalive_s}")
+        check(0 < m.reconnect_min_s <= m.reconnect_max_s, "mqtt.reconnect_min_s",
+              f"must be > 0 and <= reconnect_max_s (got {m.reconnect_min_s} > {m.reconnect_max_s})"
+              if m.reconnect_min_s > m.reconnect_max_s else f"must be > 0, got {m.reconnect_min_s}")
+        check(m.outbox_max_events >= 1, "mqtt.outbox_max_events", f"must be >= 1, got {m.outbox_max_events}")
+        if m.password_file is not None:
+            check(Path(m.password_file).is_file(), "mqtt.password_file", f"{m.password_file}: no such file")
+    check(len(cfg.sources) >= 1, "sources", "at least one source is needed")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(cfg.sources):
+        if s is None:  # its own problems were reported while loading
+            continue
+        p = f"sources[{i}]"
+        if not SOURCE_ID.match(s.id):
+            problems.append(f"{p}.id: must use only letters, digits, '_' and '-' (it is an MQTT "
+                            f"topic level), got {s.id!r}")
+        elif s.id in seen:
+            problems.append(f"{p}.id: {s.id!r} is already used by sources[{seen[s.id]}]")
+        else:
+            seen[s.id] = i
+        if s.kind not in SOURCE_KINDS:
+            problems.append(f"{p}.kind: unknown source kind {s.kind!r} (known: {', '.join(SOURCE_KINDS)})")
+        check(s.window_s > 0, f"{p}.window_s", f"must be > 0, got {s.window_s}")
+        if s.hop_s <= 0:
+            problems.append(f"{p}.hop_s: must be > 0, got {s.hop_s}")
+        elif s.hop_s > s.window_s:
+            problems.append(f"{p}.hop_s: must be <= window_s (got {s.hop_s} > {s.window_s})")
+        if s.alarm is not None:
+            problems += _alarm_problems(s.alarm, f"{p}.alarm")
+        check(s.time_scale > 0, f"{p}.time_scale", f"must be > 0, got {s.time_scale}")
+        check(s.channels >= 1, f"{p}.channels", f"must be >= 1, got {s.channels}")
+        if s.select_channels is not None:
+            bad = [c for c in s.select_channels if not 0 <= c < s.channels]
+            check(not bad and len(s.select_channels) > 0, f"{p}.select_channels",
+                  f"channel numbers must be in 0..{s.channels - 1} (channels: {s.channels}), "
+                  f"got {list(s.select_channels)}")
+        if s.rate_hz is not None:
+            check(8000 <= s.rate_hz <= 48000, f"{p}.rate_hz", f"must be in 8000-48000, got {s.rate_hz}")
+        if s.kind == "folder":
+            if s.path is None:
+                problems.append(f"{p}.path: required for a folder source")
+            elif not Path(s.path).is_dir():
+                problems.append(f"{p}.path: {s.path}: no such directory")
+            check(s.speed in SPEEDS, f"{p}.speed", f"must be one of {', '.join(SPEEDS)}, got {s.speed!r}")
+            check(s.poll_s > 0, f"{p}.poll_s", f"must be > 0, got {s.poll_s}")
+        if s.kind == "mqtt":
+            if cfg.mqtt is None:
+                problems.append(f"{p}.kind: an mqtt source needs the top-level mqtt: section")
+            if not s.topic:
+                problems.append(f"{p}.topic: required for an mqtt source")
+            elif set("+#") & set(s.topic):
+                problems.append(f"{p}.topic: must not contain MQTT wildcards, got {s.topic!r}")
+            check(s.format in AUDIO_FORMATS, f"{p}.format",
+                  f"must be one of {', '.join(AUDIO_FORMATS)}, got {s.format!r}")
+            check(s.mode in MQTT_MODES, f"{p}.mode", f"must be one of {', '.join(MQTT_MODES)}, got {s.mode!r}")
+            check(s.max_payload_bytes >= 1, f"{p}.max_payload_bytes", f"must be >= 1, got {s.max_payload_bytes}")
+        if s.kind != "folder":
+            for key, default in (("path", None), ("speed", "max"), ("watch", False)):
+                check(getattr(s, key) == default, f"{p}.{key}", "only a folder source takes this key")
+        if s.kind != "mic":
+            check(s.device is None, f"{p}.device", "only a mic source takes this key")
+        if s.kind != "mqtt":
+            check(s.topic is None, f"{p}.topic", "only an mqtt source takes this key")
+    return problems
+
+
+def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
+    out = []
+    if a.n < 1:
+        out.append(f"{path}.n: must be >= 1, got {a.n}")
+    if a.k < 1:
+        out.append(f"{path}.k: must be >= 1, got {a.k}")
+    elif a.k > a.n >= 1:
+        out.append(f"{path}.k: must be <= n (got {a.k} > {a.n})")
+    if a.hold_s < 0:
+        out.append(f"{path}.hold_s: must be >= 0, got {a.hold_s}")
+    return out
+
+
+def model_problems(cfg: DaemonConfig) -> list[str]:
+    """Load every source's artifact (hash and shapes checked) once per distinct path."""
+    from monitor.artifact import load_artifact  # torch import: only when models are checked
+
+    problems: list[str] = []
+    loaded: dict[str, dict | str] = {}
+    for i, s in enumerate(cfg.sources):
+        if s.model not in loaded:
+            try:
+                loaded[s.model] = load_artifact(s.model).manifest
+            except UsageError as exc:
+                loaded[s.model] = str(exc)
+        got = loaded[s.model]
+        if isinstance(got, str):
+            problems.append(f"sources[{i}].model: {got}")
+        elif float(got["window_s"]) != s.window_s:
+            problems.append(f"sources[{i}].window_s: the model was trained on {got['window_s']} s "
+                            f"windows (got {s.window_s})")
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not a text file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{p}: expected a mapping (node:, sources:, ...) at the top level")
+    return data
+
+
+def config_problems(data: dict, *, check_models: bool = True) -> tuple[DaemonConfig | None, list[str]]:
+    problems: list[str] = []
+    cfg = from_mapping(DaemonConfig, data, "", problems)
+    if cfg is None:
+        return None, problems
+    problems += validate(cfg)
+    if check_models and not problems:
+        problems += model_problems(cfg)
+    return (None if problems else cfg), problems
+
+
+def load_config(path: str | Path, *, check_models: bool = True) -> DaemonConfig:
+    """The YAML file as a validated DaemonConfig; ConfigError lists every problem at once."""
+    cfg, problems = config_problems(read_yaml(path), check_models=check_models)
+    if problems or cfg is None:
+        raise ConfigError(str(path), problems)
+    return cfg
+
+
+def resolve_state_dir(cfg: DaemonConfig) -> Path:
+    """systemd's StateDirectory= ($STATE_DIRECTORY) wins over the config file; the first
+    entry when systemd lists several."""
+    env = os.environ.get("STATE_DIRECTORY")
+    return Path(env.split(":")[0]) if env else Path(cfg.state_dir)
+
+
+def resolve_mqtt_password(mqtt: MqttConfig) -> str | None:
+    """password_file, else $CREDENTIALS_DIRECTORY/mqtt_password (LoadCredential=), else
+    $HARKEN_MQTT_PASSWORD. Never from the YAML, never logged."""
+    if mqtt.password_file:
+        try:
+            return Path(mqtt.password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(f"mqtt.password_file: {mqtt.password_file}: cannot read ({exc.strerror})") from None
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt_password").is_file():
+        return (Path(creds) / "mqtt_password").read_text().rstrip("\r\n")
+    return os.environ.get("HARKEN_MQTT_PASSWORD") or None

@@ -1,0 +1,71 @@
+"""Per-source alarm state machine: ON after k of the last n windows exceed the threshold, OFF
+after `hold_s` with every window below it.
+
+Time is the audio's own timeline (the windows' capture timestamps), not the wall clock: a
+folder replayed at full speed covers an hour of audio in a minute, and "30 s of quiet" must
+mean 30 s of audio there as it does live. It also makes the machine a pure function of its
+input, so tests need no clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from monitor.daemon.types import AlarmEvent, Score
+
+
+class AlarmStateMachine:
+    def __init__(self, node: str, source: str, *, k: int, n: int, hold_s: float):
+        if not 1 <= k <= n:
+            raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+        self.node = node
+        self.source = source
+        self.k = k
+        self.n = n
+        self.hold_s = hold_s
+        self._recent: deque[bool] = deque(maxlen=n)
+        self.on = False
+        self.alarm_id: str | None = None
+        self._seq = 0
+        self._peak = float("-inf")
+        self._last_above_end_s = 0.0
+        self.alarms = 0
+
+    def update(self, score: Score) -> list[AlarmEvent]:
+        """Feed one window's score (in capture order); return the events it caused."""
+        above = score.anomaly
+        self._recent.append(above)
+        if not self.on:
+            if sum(self._recent) >= self.k:
+                self.on = True
+                self.alarms += 1
+                self.alarm_id = f"{self.node}-{self.source}-{int(score.window_start_s * 1000)}"
+                self._seq = 0
+                self._peak = score.score
+                self._last_above_end_s = score.window_end_s
+                return [self._event("start", score)]
+            return []
+        if above:
+            self._last_above_end_s = score.window_end_s
+            if score.score > self._peak:
+                self._peak = score.score
+                return [self._event("update", score)]
+            return []
+        if score.window_end_s - self._last_above_end_s >= self.hold_s:
+            event = self._event("end", score)
+            self.on = False
+            self.alarm_id = None
+            self._recent.clear()  # a new alarm needs k fresh exceedances
+            return [event]
+        return []
+
+    def _event(self, kind: str, score: Score) -> AlarmEvent:
+        event = AlarmEvent(type=kind, id=self.alarm_id or "", source=self.source,
+                           ts=score.window_start_s if kind == "start" else score.window_end_s,
+                           peak_score=self._peak, threshold=score.threshold, seq=self._seq,
+                           detail={"window_start": round(score.window_start_s, 3),
+                                   "window_end": round(score.window_end_s, 3),
+                                   "score": score.score,
+                                   **({"file": score.label} if score.label else {})})
+        self._seq += 1
+        return event

@@ -1,0 +1,366 @@
+"""`harken monitor`: wires sources, ring buffers, the inference worker, alarms, evidence,
+publishers, metrics and systemd notification together.
+
+Start order: publisher -> models and worker -> sources -> READY=1. Stop order is the reverse:
+STOPPING=1 -> sources -> drain the queue through the worker -> final stats -> publisher
+(`stopped`, flush). Every stage is a thread; the main thread only supervises (stats, watchdog,
+source states) and waits on one shutdown event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from monitor.daemon.alarm import AlarmStateMachine
+from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
+from monitor.daemon.evidence import EvidenceStore
+from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue, percentile
+from monitor.daemon.metrics import DaemonMetrics
+from monitor.daemon.notify import SystemdNotifier
+from monitor.daemon.ringbuffer import RingBuffer
+from monitor.daemon.types import AlarmEvent, AudioBlock, Publisher, Score, Source, Window
+from monitor.logs import get_logger
+
+
+class FanoutPublisher:
+    """Several sinks at once (MQTT plus a JSONL file)."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for sink in self.sinks:
+                getattr(sink, name)(*args, **kwargs)
+        return call
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, *, publisher: Publisher | None = None,
+                 detectors: Mapping[str, object] | None = None,
+                 sources: Mapping[str, Source] | None = None,
+                 notifier: SystemdNotifier | None = None, state_dir: Path | None = None):
+        """The keyword arguments replace real parts in tests and benchmarks (a fake slow
+        detector, an in-memory publisher, a fake notify socket)."""
+        self.config = config
+        self.node = config.node
+        self.log = get_logger(stage="daemon")
+        self.shutdown = threading.Event()
+        self.notifier = notifier or SystemdNotifier()
+        self.state_dir = state_dir or resolve_state_dir(config)
+        self.source_configs: dict[str, SourceConfig] = {s.id: s for s in config.sources}
+        self._given_publisher = publisher
+        self._given_detectors = detectors
+        self._given_sources = sources
+        self.publisher: Publisher | None = None
+        self.detectors: dict[str, object] = {}
+        self.sources: dict[str, Source] = {}
+        self.rings: dict[str, RingBuffer] = {}
+        self.alarms: dict[str, AlarmStateMachine] = {}
+        self.queue = WindowQueue(config.queue_max_windows)
+        self.worker: InferenceWorker | None = None
+        self.metrics: DaemonMetrics | None = None
+        self.evidence: EvidenceStore | None = None
+        self.events: list[AlarmEvent] = []
+        self.scored_by_source: dict[str, int] = {}
+        self._source_states: dict[str, str] = {}
+        self._started_mono = time.monotonic()
+        self._stopped = False
+
+    # ------------------------------------------------------------------ init
+
+    def init_publisher(self) -> None:
+        if self._given_publisher is not None:
+            self.publisher = self._given_publisher
+            return
+        from monitor.daemon.jsonl import JsonlPublisher
+
+        cfg = self.config
+        sinks: list = []
+        if cfg.mqtt is not None:
+            from monitor.daemon.mqtt import MqttPublisher  # paho only when a broker is configured
+
+            sinks.append(MqttPublisher(cfg.mqtt, node=self.node,
+                                       source_ids=[s.id for s in cfg.sources],
+                                       state_dir=self.state_dir,
+                                       password=resolve_mqtt_password(cfg.mqtt)))
+        if cfg.jsonl is not None or cfg.mqtt is None:
+            sinks.append(JsonlPublisher(cfg.jsonl or "-", node=self.node))
+        self.publisher = sinks[0] if len(sinks) == 1 else FanoutPublisher(sinks)
+
+    def init_models(self) -> None:
+        if self._given_detectors is not None:
+            self.detectors = dict(self._given_detectors)
+        else:
+            import torch
+
+            from monitor.detector import Detector
+
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            for path in dict.fromkeys(s.model for s in self.config.sources):
+                self.detectors[path] = Detector.load(path, device=self.config.device)
+                self.log.info("model_loaded", model=path, name=self.detectors[path].name)
+        overrides = {}
+        for s in self.config.sources:
+            alarm = s.alarm or self.config.alarm
+            self.alarms[s.id] = AlarmStateMachine(self.node, s.id, k=alarm.k, n=alarm.n,
+                                                  hold_s=alarm.hold_s)
+            if alarm.threshold is not None:
+                overrides[s.id] = alarm.threshold
+        self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
+                                      batch_max=self.config.batch_max,
+                                      threshold_overrides=overrides)
+        if self.config.evidence.enabled:
+            ev = self.config.evidence
+            self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
+                                          max_bytes=ev.max_bytes)
+
+    def init_sources(self) -> None:
+        for s in self.config.sources:
+            self.rings[s.id] = RingBuffer(s.id, window_s=s.window_s, hop_s=s.hop_s,
+                                          machine_id=s.machine_id)
+            if self._given_sources is not None:
+                self.sources[s.id] = self._given_sources[s.id]
+            else:
+                self.sources[s.id] = self._build_source(s)
+
+    def _build_source(self, s: SourceConfig) -> Source:
+        if s.kind == "folder":
+            from monitor.daemon.folder import FolderSource
+
+            return FolderSource(s)
+        if s.kind == "mic":
+            from monitor.daemon.mic import MicSource
+
+            return MicSource(s)
+        from monitor.daemon.mqtt import MqttAudioSource  # paho only when a source needs it
+
+        assert self.config.mqtt is not None  # check-config guarantees it
+        return MqttAudioSource(s, self.config.mqtt, node=self.node,
+                               password=resolve_mqtt_password(self.config.mqtt))
+
+    def init_metrics(self) -> None:
+        self.metrics = DaemonMetrics()
+        for s in self.config.sources:
+            self.metrics.alarm.labels(s.id).set(0)
+
+    # ------------------------------------------------------------------ start / run / stop
+
+    def start(self) -> None:
+        self.init_publisher()
+        self.init_metrics()
+        self.init_models()
+        self.init_sources()
+        assert self.publisher is not None and self.worker is not None and self.metrics is not None
+        self.publisher.start()
+        if self.config.metrics.enabled:
+            self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            self.log.info("metrics_serving", host=self.config.metrics.host,
+                          port=self.config.metrics.port)
+        self.worker.start()
+        started: list[Source] = []
+        try:
+            for sid, source in self.sources.items():
+                source.start(self._block_sink(sid), self._window_sink(sid))
+                started.append(source)
+                self._set_source_state(sid, "running")
+        except BaseException:
+            for source in reversed(started):
+                source.stop()
+            self.worker.stop_when_drained()
+            self.publisher.stop()
+            raise
+        self._started_mono = time.monotonic()
+        self.notifier.ready()
+        self.log.info("daemon_ready", node=self.node, sources=list(self.sources),
+                      models=list(self.detectors))
+
+    def run(self) -> int:
+        """Start, supervise until asked to stop or every source has ended, stop. Returns 0."""
+        self.start()
+        stats_every = self.config.stats_interval_s
+        watchdog_every = self.notifier.watchdog_interval_s
+        tick = min(x for x in (0.25, watchdog_every) if x is not None)
+        next_stats = time.monotonic() + stats_every
+        next_watchdog = time.monotonic()
+        while not self.shutdown.wait(tick):
+            now = time.monotonic()
+            self._update_source_states()
+            if watchdog_every is not None and now >= next_watchdog:
+                if self.alive():
+                    self.notifier.watchdog()
+                next_watchdog = now + watchdog_every
+            if now >= next_stats:
+                self.publish_stats()
+                next_stats = now + stats_every
+            if all(src.finished for src in self.sources.values()):
+                self.log.info("sources_ended")
+                break
+        self.stop()
+        return 0
+
+    def request_stop(self) -> None:
+        """From a signal handler: only set the event, the main loop does the rest."""
+        self.shutdown.set()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.notifier.stopping()
+        self.log.info("daemon_stopping")
+        for sid, source in reversed(list(self.sources.items())):
+            source.stop()
+        if self.worker is not None and self.worker.ident is not None:
+            self.worker.stop_when_drained()  # queued windows are still scored and published
+            self.worker.join()
+        if self.publisher is not None and self.metrics is not None and self.worker is not None:
+            self._update_source_states(final=True)
+            self.publish_stats()
+        if self.publisher is not None:
+            self.publisher.stop()
+        self.log.info("daemon_stopped", scored=self.worker.scored if self.worker else 0,
+                      dropped=self.queue.dropped)
+
+    # ------------------------------------------------------------------ health
+
+    def alive(self) -> bool:
+        """Feed the watchdog only while inference runs and some source still delivers audio."""
+        assert self.worker is not None
+        now = time.monotonic()
+        stale_after = max(30.0, 2 * (self.notifier.watchdog_interval_s or 0.0))
+        if not self.worker.is_alive() or now - self.worker.heartbeat_mono_s > stale_after:
+            return False
+        live = [sid for sid, src in self.sources.items() if not src.finished]
+        if not live:
+            return True
+        return any(self._audio_age_s(sid, now) <= self.config.watchdog_dead_s for sid in live)
+
+    def _audio_age_s(self, sid: str, now: float) -> float:
+        last = self.sources[sid].status().get("last_audio_mono_s")
+        ring_last = self.rings[sid].last_audio_mono_s
+        stamps = [t for t in (last, ring_last) if t is not None]
+        return now - (max(stamps) if stamps else self._started_mono)
+
+    def _update_source_states(self, final: bool = False) -> None:
+        now = time.monotonic()
+        for sid, src in self.sources.items():
+            own = src.status().get("state", "running")
+            cfg = self.source_configs[sid]
+            if own == "ended" or src.finished:
+                state = "ended"
+            elif final:
+                state = "stopped"
+            elif self._audio_age_s(sid, now) > max(3 * cfg.hop_s, 10.0) and not (
+                    cfg.kind == "folder" and cfg.watch):  # an idle watched folder is not broken
+                state = "stalled"
+            else:
+                state = "running" if own in ("running", "starting") else own
+            self._set_source_state(sid, state)
+
+    def _set_source_state(self, sid: str, state: str) -> None:
+        if self._source_states.get(sid) != state:
+            self._source_states[sid] = state
+            assert self.publisher is not None
+            self.publisher.publish_source_state(sid, state)
+            self.log.info("source_state", source=sid, state=state)
+
+    def stats(self) -> dict:
+        assert self.worker is not None
+        now = time.monotonic()
+        overruns = {sid: int(src.status().get("overruns", 0)) for sid, src in self.sources.items()}
+        per_source = {}
+        for sid in self.sources:
+            per_source[sid] = {"state": self._source_states.get(sid),
+                               "last_audio_age_s": round(self._audio_age_s(sid, now), 3),
+                               "alarm": self.alarms[sid].on,
+                               "scored": self.scored_by_source.get(sid, 0),
+                               "dropped": self.queue.dropped_by_source.get(sid, 0),
+                               "overruns": overruns[sid]}
+        return {"windows_produced": self.queue.produced, "windows_scored": self.worker.scored,
+                "windows_dropped": self.queue.dropped, "windows_failed": self.worker.failed,
+                "overruns": sum(overruns.values()), "queue_depth": len(self.queue),
+                "inference_ms_p50": percentile(self.worker.batch_ms, 50),
+                "inference_ms_p95": percentile(self.worker.batch_ms, 95),
+                "latency_ms_p50": percentile(self.worker.latency_ms, 50),
+                "latency_ms_p95": percentile(self.worker.latency_ms, 95),
+                "uptime_s": round(now - self._started_mono, 1), "sources": per_source}
+
+    def publish_stats(self) -> None:
+        stats = self.stats()
+        assert self.metrics is not None and self.publisher is not None
+        self.metrics.queue_depth.set(stats["queue_depth"])
+        self.metrics.dropped(self.queue.dropped_by_source)
+        for sid, s in stats["sources"].items():
+            self.metrics.audio_age.labels(sid).set(s["last_audio_age_s"])
+            self.metrics.overruns.labels(sid).set(s["overruns"])
+        self.publisher.publish_stats(stats)
+
+    # ------------------------------------------------------------------ data path
+
+    def _block_sink(self, sid: str):
+        ring = self.rings[sid]
+        model = self.source_configs[sid].model
+
+        def on_block(block: AudioBlock) -> None:
+            for window in ring.push(block):
+                self.queue.put_nowait(model, window)
+        return on_block
+
+    def _window_sink(self, sid: str):
+        model = self.source_configs[sid].model
+
+        def on_window(window: Window) -> None:
+            self.queue.put_nowait(model, window)
+        return on_window
+
+    def _on_scored(self, sw: ScoredWindow) -> None:
+        """On the inference thread, in capture order per source."""
+        assert self.publisher is not None and self.metrics is not None
+        w = sw.window
+        score = Score(source=w.source, model=sw.model_name, score=sw.score, threshold=sw.threshold,
+                      window_start_s=w.start_time_s, window_end_s=w.end_time_s,
+                      ready_mono_s=w.ready_mono_s, scored_time_s=sw.scored_time_s, label=w.label)
+        self.scored_by_source[w.source] = self.scored_by_source.get(w.source, 0) + 1
+        self.publisher.publish_score(score)
+        m = self.metrics
+        m.windows_scored.labels(w.source).inc()
+        m.score.labels(w.source).set(sw.score)
+        m.threshold.labels(w.source).set(sw.threshold)
+        m.latency.observe(max(0.0, sw.scored_mono_s - w.ready_mono_s))
+        for event in self.alarms[w.source].update(score):
+            if event.type == "start":
+                event = self._with_evidence(event, sw)
+            self.events.append(event)
+            self.publisher.publish_event(event)
+            if event.type == "start":
+                self.publisher.publish_alarm_state(w.source, True)
+                m.alarm.labels(w.source).set(1)
+                m.alarms.labels(w.source).inc()
+                self.log.warning("alarm_started", source=w.source, alarm_id=event.id,
+                                 score=round(sw.score, 6), threshold=sw.threshold, file=w.label)
+            elif event.type == "end":
+                self.publisher.publish_alarm_state(w.source, False)
+                m.alarm.labels(w.source).set(0)
+                self.log.warning("alarm_ended", source=w.source, alarm_id=event.id,
+                                 peak_score=round(event.peak_score, 6))
+
+    def _with_evidence(self, event: AlarmEvent, sw: ScoredWindow) -> AlarmEvent:
+        if self.evidence is None:
+            return event
+        det = self.detectors[sw.model_key]
+        try:
+            log_mel = det.log_mel(sw.window.samples)
+            error_map = det.error_map(sw.window.samples, sw.window.machine_id)
+            clip, image = self.evidence.save(
+                event.id, sw.window.samples, log_mel=log_mel, error_map=error_map,
+                title=f"{event.id}: score {sw.score:.4g} > {sw.threshold:.4g}")
+        except OSError as exc:  # a full disk must not stop monitoring
+            self.log.warning("evidence_failed", source=event.source, error=str(exc))
+            return event
+        return dataclasses.replace(event, clip=clip, image=image)

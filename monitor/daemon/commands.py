@@ -1,0 +1,63 @@
+"""The runtime sub-commands of `harken`: `monitor` and `check-config`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from monitor.errors import UsageError
+
+
+def register(sub) -> None:
+    """Add the daemon's sub-commands to the `harken` argparse subparsers."""
+    m = sub.add_parser("monitor", help="run the line-side monitoring daemon")
+    m.add_argument("--config", required=True, help="daemon YAML (see config/harken.example.yaml)")
+    # Its own dest: the top-level --log-level would be overwritten by a sub-parser default.
+    m.add_argument("--log-level", dest="monitor_log_level", default=None,
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level (default info)")
+    m.set_defaults(func=cmd_monitor)
+
+    c = sub.add_parser("check-config", help="validate a daemon YAML file and its model artifacts")
+    c.add_argument("file")
+    c.add_argument("--no-models", action="store_true", help="skip loading the model artifacts")
+    c.set_defaults(func=cmd_check_config)
+
+
+def cmd_check_config(args) -> int:
+    from monitor.daemon.config import config_problems, read_yaml
+
+    try:
+        data = read_yaml(args.file)
+    except UsageError as exc:
+        print(f"harken: error: {exc}", file=sys.stderr)
+        return 2
+    cfg, problems = config_problems(data, check_models=not args.no_models)
+    if problems:
+        for p in problems:
+            print(f"{args.file}: {p}", file=sys.stderr)
+        return 2
+    assert cfg is not None
+    kinds = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sources)
+    print(f"{args.file}: OK, node {cfg.node}, {len(cfg.sources)} source(s): {kinds}")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from monitor.daemon.app import Daemon
+    from monitor.daemon.config import load_config
+    from monitor.logs import configure_logging
+
+    configure_logging(args.monitor_log_level or "info")
+    cfg = load_config(args.config)
+    daemon = Daemon(cfg)
+
+    def on_signal(signum, frame) -> None:
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    finally:
+        daemon.stop()  # idempotent; stops sources and flushes sinks on an unexpected error too

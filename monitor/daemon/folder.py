@@ -1,0 +1,147 @@
+"""Replay mode: WAV files from a folder, in name order, at full speed or in real time,
+optionally waiting for new files (a recorder dropping clips into a directory).
+
+Each file is its own stream: it is cut with `monitor.audio.split_windows` exactly as
+`harken replay` cuts it (short files zero-padded to one window), and its windows go straight
+to inference, so a folder source and `harken replay` give the same scores for the same files.
+Timestamps follow the audio: files are laid end to end from the moment the source started
+(in real time, never earlier than the moment a file is played).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from monitor.audio import SAMPLE_RATE_HZ, split_windows, window_starts
+from monitor.daemon.config import SourceConfig
+from monitor.daemon.types import BlockSink, Window, WindowSink
+from monitor.labels import AUDIO_SUFFIXES, parse_clip
+from monitor.logs import get_logger
+from monitor.replay import SkipCounter, load_checked
+
+
+class FolderSource:
+    def __init__(self, config: SourceConfig, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 wait: Callable[[float], bool] | None = None):
+        """`clock`/`wait` are injectable so tests can check real-time pacing without sleeping:
+        wait(seconds) returns True when the source was stopped meanwhile."""
+        self.id = config.id
+        self.config = config
+        self.root = Path(config.path or ".")
+        self._clock = clock
+        self._wall = wall
+        self._stop = threading.Event()
+        self._wait = wait or self._stop.wait
+        self._thread: threading.Thread | None = None
+        self._finished = False
+        self._done: set[Path] = set()
+        self._sizes: dict[Path, int] = {}
+        self._timeline_s: float | None = None
+        self.skips = SkipCounter()
+        self.files = 0
+        self.windows = 0
+        self.waits_s: list[float] = []  # pacing waits, for tests and benchmarks
+        self.last_audio_mono_s: float | None = None
+        self.error: str | None = None
+
+    # ------------------------------------------------------------------ Source protocol
+
+    def start(self, on_block: BlockSink, on_window: WindowSink) -> None:
+        self._on_window = on_window
+        self._thread = threading.Thread(target=self._run, name=f"harken-folder-{self.id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def status(self) -> dict:
+        state = "ended" if self._finished else "running"
+        return {"state": state, "kind": "folder", "files": self.files, "windows": self.windows,
+                "skipped": self.skips.total, "last_audio_mono_s": self.last_audio_mono_s}
+
+    # ------------------------------------------------------------------ work
+
+    def _run(self) -> None:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(stage="source", source=self.id)
+        log = get_logger()
+        log.info("source_started", kind="folder", path=str(self.root), speed=self.config.speed,
+                 watch=self.config.watch)
+        try:
+            while not self._stop.is_set():
+                for path in self._ready_files():
+                    if self._stop.is_set():
+                        break
+                    self._play(path, log)
+                    self._done.add(path)
+                if not self.config.watch or self._stop.is_set():
+                    break
+                if self._wait(self.config.poll_s):
+                    break
+        except Exception as exc:  # noqa: BLE001 - reported as a dead source, daemon decides
+            self.error = str(exc)
+            log.exception("source_failed", error=str(exc))
+        self._finished = not self.config.watch or self.error is not None
+        log.info("source_ended" if self._finished else "source_stopped", files=self.files,
+                 windows=self.windows)
+
+    def _ready_files(self) -> list[Path]:
+        """New files in name order; when watching, only those whose size held across two
+        polls (a recorder may still be writing the newest one)."""
+        found = sorted(p for p in self.root.rglob("*")
+                       if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() and p not in self._done)
+        if not self.config.watch:
+            return found
+        ready = []
+        for p in found:
+            size = p.stat().st_size
+            if size > 0 and self._sizes.get(p) == size:
+                ready.append(p)
+            self._sizes[p] = size
+        return ready
+
+    def _play(self, path: Path, log) -> None:
+        mono = load_checked(path, self.skips, log)
+        self.files += 1
+        if mono is None:
+            return
+        cfg = self.config
+        win = int(round(cfg.window_s * SAMPLE_RATE_HZ))
+        starts = window_starts(len(mono), cfg.window_s, cfg.hop_s)
+        windows = split_windows(mono, cfg.window_s, cfg.hop_s)
+        now = self._wall()
+        if self._timeline_s is None:
+            self._timeline_s = now
+        file_t0 = self._timeline_s if cfg.speed == "max" else max(self._timeline_s, now)
+        self._timeline_s = file_t0 + max(len(mono), win) / SAMPLE_RATE_HZ
+        machine_id = cfg.machine_id if cfg.machine_id is not None else parse_clip(path).machine_id
+        play_mono = self._clock()
+        for start, samples in zip(starts, windows):
+            if cfg.speed == "realtime":
+                # A window is ready when its last sample would have been captured.
+                due = play_mono + (start + win) / SAMPLE_RATE_HZ / cfg.time_scale
+                delay = due - self._clock()
+                if delay > 0:
+                    self.waits_s.append(delay)
+                    if self._wait(delay):
+                        return
+            if self._stop.is_set():
+                return
+            self.last_audio_mono_s = self._clock()
+            self.windows += 1
+            self._on_window(Window(source=self.id, samples=samples,
+                                   start_time_s=file_t0 + start / SAMPLE_RATE_HZ,
+                                   duration_s=cfg.window_s, ready_mono_s=self.last_audio_mono_s,
+                                   label=str(path), machine_id=machine_id))
