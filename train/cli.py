@@ -150,6 +150,48 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.out), progress=_progress(args))
 
 
+def cmd_weights(args) -> int:
+    from monitor import weights as w
+    from monitor.encoders.registry import ENCODERS
+
+    if args.action == "list":
+        rows = [w.check_weights(name) for name in ENCODERS]
+        if args.json:
+            print(json.dumps({"weights_dir": str(w.weights_dir()), "encoders": [r.to_json() for r in rows]}))
+            return 0
+        print(f"weights directory: {w.weights_dir()}")
+        for r in rows:
+            size = f"{r.size_bytes / 1e6:.1f} MB" if r.size_bytes is not None else "-"
+            where = str(r.path) if r.path else "-"
+            print(f"  {r.encoder:11s} {r.check:12s} {size:>10s}  {where}")
+        return 0
+    if args.action in ("fetch", "import") and not args.name:
+        raise UsageError(f"weights {args.action} needs an encoder name, e.g. `harken weights {args.action} ast`")
+    if args.action == "fetch":
+        print(f"{args.name}: weights in {w.fetch_weights(args.name, force=args.force)}")
+        return 0
+    if args.action == "import":
+        if not args.path:
+            raise UsageError("weights import needs a PATH: a checkpoint file or a model directory")
+        print(f"{args.name}: weights in {w.import_weights(args.name, args.path, force=args.force)}")
+        return 0
+    names = [args.name] if args.name else [n for n in w.KNOWN]
+    if args.name and args.name not in w.KNOWN:
+        raise UsageError(f"{args.name!r} has no pretrained weights; encoders with weights: {', '.join(w.KNOWN)}")
+    failed = False
+    for name in names:
+        r = w.check_weights(name)
+        if r.check == "absent" and args.name:
+            w.locate(name)  # the one-line "not found ... fetch/import" error
+        print(f"{name}: {r.check}" + (f" ({r.path})" if r.path else ""))
+        for problem in r.problems:
+            print(f"  {problem}", file=sys.stderr)
+        failed |= r.check == "mismatch"
+    if failed:
+        raise HarkenError("weights verification failed: corrupted or replaced files listed above")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -234,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    wt = sub.add_parser("weights", help="pretrained encoder weights: list, fetch, import, verify")
+    wt.add_argument("action", choices=["list", "fetch", "import", "verify"])
+    wt.add_argument("name", nargs="?", help="encoder (ast, panns, wav2vec2, resnet50, efficientat)")
+    wt.add_argument("path", nargs="?", help="import: checkpoint file or Hugging Face model directory")
+    wt.add_argument("--force", action="store_true", help="replace weights that are already there")
+    wt.add_argument("--json", action="store_true", help="list: one JSON object on stdout")
+    wt.set_defaults(func=cmd_weights)
 
     try:
         from monitor.daemon import commands as daemon_commands
