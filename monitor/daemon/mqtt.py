@@ -393,6 +393,7 @@ class MqttAudioSource:
         self._client = make_client(mqtt, client_id=f"{base_id}-audio-{self.id}", password=password)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._mqtt = mqtt
         self._inbox: queue.Queue = queue.Queue(maxsize=queue_max)
@@ -449,6 +450,12 @@ class MqttAudioSource:
             self._log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
         client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            self._log.warning("mqtt_subscribe_refused", topic=self.topic, reason=failed[0])
+            return
         self._connected.set()
         self._log.info("mqtt_source_subscribed", topic=self.topic)
 
