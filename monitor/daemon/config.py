@@ -203,8 +203,12 @@ def _convert(value: object, hint, path: str, problems: list[str]):
                 problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
                 return None
             item_types = list(args)
-        return tuple(_convert(v, t, f"{path}[{i}]", problems)
-                     for i, (v, t) in enumerate(zip(value, item_types)))
+        before = len(problems)
+        items = tuple(_convert(v, t, f"{path}[{i}]", problems)
+                      for i, (v, t) in enumerate(zip(value, item_types)))
+        if len(problems) > before and not all(dataclasses.is_dataclass(t) for t in item_types):
+            return None  # a list of sections stays partial (None where one failed), values do not
+        return items
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value, path, problems)
     if hint is dict or origin is dict:
