@@ -18,7 +18,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor.daemon.mqtt import check_topic_part, check_topic_prefix
+from monitor.daemon.mqtt_publisher import check_topic_part, check_topic_prefix
 from monitor.errors import HarkenError, UsageError
 
 BAR_WIDTH = 20
