@@ -37,8 +37,9 @@ def find_input_device(device: str | int | None, devices: list[dict], *, source: 
     """Index of the input device named (by index or name substring); None: the default."""
     inputs = [(i, d) for i, d in enumerate(devices) if d.get("max_input_channels", 0) > 0]
     if not inputs:
-        raise UsageError(f"source {source}: mic device {device if device is not None else '(default)'!s}"
-                         f" not found: no audio input devices are present (sounddevice lists none)")
+        named = repr(device) if device is not None else "(default)"
+        raise UsageError(f"source {source}: mic device {named} not found: no audio input devices "
+                         f"are present (sounddevice lists none)")
     if device is None:
         return None
     names = ", ".join(f"{i}: {d['name']}" for i, d in inputs)
