@@ -295,5 +295,3 @@ def test_resnet50_sees_the_log_mel_as_an_imagenet_normalised_picture(tiny):
     for c in unit:  # per clip, every channel spans [0, 1] (bilinear resizing blurs the extremes)
         assert -1e-5 <= float(c.amin()) < 0.05 and 0.95 < float(c.amax()) <= 1.0 + 1e-5
     assert out.feature_map.shape == (2, TINY_DIMS["resnet50"], 7, 7)
-    with torch.inference_mode():  # per-clip scaling: a louder copy of a clip looks the same
-        torch.testing.assert_close(enc(waves * 4.0).vector, out.vector, rtol=1e-3, atol=1e-3)
