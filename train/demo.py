@@ -1,15 +1,20 @@
 """`make demo`: the whole job on embedded defaults, no broker, no microphone, no downloads.
 
 synth a small slide-rail set -> train the seed's mel+MLP baseline -> evaluate with a report ->
-replay the test clips as JSON lines -> print a summary.
+replay the test clips as JSON lines -> run the monitoring daemon over a folder of normal then
+anomalous then normal clips (JSONL sink, alarms, evidence) -> print a summary.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+
+from monitor.daemon.app import Daemon
+from monitor.daemon.config import AlarmConfig, DaemonConfig, SourceConfig
 
 from monitor.detector import Detector
 from monitor.replay import replay
@@ -23,7 +28,7 @@ DEMO_SEED = 2026
 
 
 def _step(n: int, text: str) -> float:
-    print(f"[{n}/4] {text}", flush=True)
+    print(f"[{n}/5] {text}", flush=True)
     return time.monotonic()
 
 
@@ -57,6 +62,10 @@ def run_demo(out: Path, *, progress: bool = True) -> int:
         summary = replay(Detector.load(model), data / "test", f, progress=progress)
     print(f"      done in {time.monotonic() - t:.1f} s")
 
+    t = _step(5, f"running the monitoring daemon over a folder of clips into {out / 'monitor.jsonl'}")
+    monitor = run_monitor_step(model, data / "test", out)
+    print(f"      done in {time.monotonic() - t:.1f} s")
+
     print()
     print(f"harken demo summary ({time.monotonic() - started:.0f} s in all)")
     print(f"  model     {metrics['model']}  ({model})")
@@ -69,5 +78,58 @@ def run_demo(out: Path, *, progress: bool = True) -> int:
     print(f"  replay    {summary['windows']} windows, {summary['anomalous_windows']} over threshold "
           f"-> {jsonl}")
     print(f"  report    {report}/ (roc.png, histogram.png, scores.csv)")
-    (out / "summary.json").write_text(json.dumps({"metrics": metrics, "replay": summary}, indent=2))
+    print(f"  monitor   {monitor['windows']} windows from {monitor['files']} clips "
+          f"(normal, then anomalous, then normal): {monitor['alarms']} alarm(s)")
+    if monitor["first_start"] is not None:
+        end = monitor["first_end"]
+        print(f"            first alarm on at clip {monitor['first_start']['clip_index']} "
+              f"({monitor['first_start']['file']}), off at clip "
+              f"{end['clip_index'] if end else '-'}{' (' + end['file'] + ')' if end else ' (still on)'}")
+        print(f"            evidence {monitor['first_start']['image']}")
+    print(f"            -> {monitor['jsonl']}")
+    (out / "summary.json").write_text(json.dumps({"metrics": metrics, "replay": summary,
+                                                   "monitor": monitor}, indent=2))
     return 0
+
+
+def run_monitor_step(model: Path, test_dir: Path, out: Path, *, n_each: int = 6,
+                     hold_s: float = 20.0) -> dict:
+    """The daemon in-process over `out/monitor-in/`: symlinks to n_each normal clips of the
+    first machine ID, then n_each anomalous ones, then n_each normal ones again, numbered so
+    name order is play order; the JSONL sink goes to `out/monitor.jsonl`."""
+    from monitor.labels import find_audio, parse_clip
+
+    clips = find_audio(test_dir)
+    first_id = min(parse_clip(p).machine_id or 0 for p in clips)
+    pick = lambda label: [p for p in clips if parse_clip(p).label == label  # noqa: E731
+                          and (parse_clip(p).machine_id or 0) == first_id]
+    normal, anomaly = pick("normal"), pick("anomaly")
+    order = normal[:n_each] + anomaly[:n_each] + normal[n_each:2 * n_each]
+    folder = out / "monitor-in"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, p in enumerate(order, 1):
+        os.symlink(p.resolve(), folder / f"{i:04d}_{p.name}")
+    jsonl = out / "monitor.jsonl"
+    jsonl.unlink(missing_ok=True)
+    cfg = DaemonConfig(
+        sources=(SourceConfig(id="demo", kind="folder", model=str(model), path=str(folder),
+                              speed="max"),),
+        node="demo", device="auto", state_dir=str(out / "monitor-state"), jsonl=str(jsonl),
+        alarm=AlarmConfig(k=2, n=3, hold_s=hold_s))
+    Daemon(cfg).run()
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    scores = [r for r in rows if r["kind"] == "score"]
+    index = {Path(r["file"]).name: int(Path(r["file"]).name[:4]) for r in scores}
+    events = [r for r in rows if r["kind"] == "event"]
+
+    def describe(kind: str) -> dict | None:
+        e = next((e for e in events if e["type"] == kind), None)
+        if e is None:
+            return None
+        name = Path(e["detail"].get("file", "")).name
+        return {"ts": e["ts"], "file": name, "clip_index": index.get(name), "image": e["image"]}
+
+    return {"files": len(order), "windows": len(scores),
+            "alarms": sum(e["type"] == "start" for e in events),
+            "first_start": describe("start"), "first_end": describe("end"), "jsonl": str(jsonl)}
