@@ -7,7 +7,7 @@ Topics, under `<prefix>/<node>/`:
   <source>/score         QoS 0     Score.to_json() per window, dropped (and counted) offline
   <source>/alarm         retained  ON | OFF                 (durable outbox, QoS 1)
   <source>/event         QoS 1     AlarmEvent.to_json()     (durable outbox, QoS 1)
-  <source>/state         retained  running | stalled | ended
+  <source>/state         retained  running | stalled | ended | stopped
   stats                  QoS 0     periodic JSON
 """
 

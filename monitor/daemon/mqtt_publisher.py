@@ -19,7 +19,7 @@ from monitor.daemon.types import AlarmEvent, Score
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 
-SOURCE_STATES = ("running", "stalled", "ended")
+SOURCE_STATES = ("running", "stalled", "ended", "stopped")  # "stopped": the daemon's clean exit
 _FORBIDDEN_TOPIC_CHARS = ("+", "#", "/", "\0")
 
 
@@ -120,6 +120,7 @@ class MqttPublisher:
         self.base = f"{self.prefix}/{self.node}"
         self.status_topic = f"{self.base}/status"
         self._log = get_logger(stage="mqtt_publisher", node=self.node)
+        self._warn = RateLimitedWarning(self._log, every_s=60.0)
         self._outbox = Outbox(Path(state_dir) / "outbox.sqlite", max_rows=config.outbox_max_events)
         self._client = make_client(config, client_id=config.client_id or f"harken-{self.node}",
                                    password=password)
@@ -144,6 +145,7 @@ class MqttPublisher:
                           "outbox_acked": 0, "outbox_rejected": 0, "reconnects": 0,
                           "connect_failures": 0}
         self._last_error: str | None = None
+        self._flusher: threading.Thread | None = None
 
     # ---------------------------------------------------------------- topics
 
@@ -176,6 +178,8 @@ class MqttPublisher:
             self._log.warning("mqtt_outbox_not_drained", outbox_pending=pending)
         self._client.disconnect()
         self._client.loop_stop()
+        if self._flusher is not None:
+            self._flusher.join(timeout=5.0)
         self._outbox.close()
         self._log.info("mqtt_stopped", outbox_pending=pending)
 
@@ -202,7 +206,8 @@ class MqttPublisher:
 
     def publish_source_state(self, source: str, state: str) -> None:
         if state not in SOURCE_STATES:
-            raise ValueError(f"source state must be one of {SOURCE_STATES} (got {state!r})")
+            # Still published: a dashboard seeing an odd state beats a daemon dying on it.
+            self._warn("mqtt_unexpected_source_state", state, source=source, state=state)
         topic = self.topic(source, "state")
         with self._state_lock:
             self._source_state[source] = state
@@ -288,7 +293,9 @@ class MqttPublisher:
                        session_present=bool(flags.session_present),
                        outbox_pending=len(self._outbox))
         # From another thread: rows can be many, and paho's own re-sends go out after we return.
-        threading.Thread(target=self._flush_outbox, name="mqtt-outbox-flush", daemon=True).start()
+        self._flusher = threading.Thread(target=self._flush_outbox, name="mqtt-outbox-flush",
+                                         daemon=True)
+        self._flusher.start()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()

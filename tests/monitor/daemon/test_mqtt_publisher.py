@@ -233,3 +233,56 @@ def test_every_event_arrives_when_the_broker_dies_mid_run(tmp_path, collector_fa
         assert len(set(produced)) == len(set(received)) == 60
         wait_until(lambda: pub.status()["outbox_pending"] == 0, what="outbox drained")
         assert pub.status()["reconnects"] >= 1
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_harken_monitor_publishes_to_a_real_broker(broker, collector, tiny_model, tmp_path):
+    """The daemon as a subprocess: folder source -> scores on MQTT; SIGTERM leaves `stopped`,
+    SIGKILL leaves `offline` through the last will."""
+    import numpy as np
+    import soundfile as sf
+    import yaml
+
+    from tests.helpers import tone_clip
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    sf.write(drop / "000_normal_id_00.wav", tone_clip(np.random.default_rng(1), 0, False,
+                                                       seconds=20.0), 16000)
+    cfg = tmp_path / "harken.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node": "line1", "device": "cpu", "state_dir": str(tmp_path / "state"),
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
+        "sources": [{"id": "f", "kind": "folder", "path": str(drop), "model": str(tiny_model),
+                     "watch": True, "poll_s": 0.1, "hop_s": 1.0}]}))
+
+    def start_daemon() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config",
+                                 str(cfg), "--log-level", "warning"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=os.environ | {"PYTHONPATH": str(REPO)})
+
+    proc = start_daemon()
+    try:
+        collector.wait_for("harken/line1/status", b"online", timeout_s=120)
+        score = json.loads(collector.wait_for("harken/line1/f/score", timeout_s=120))
+        assert score["source"] == "f" and score["threshold"] > 0 and "score" in score
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        assert collector.last("harken/line1/status") == b"stopped"
+        assert collector.last("harken/line1/f/state") in (b"stopped", b"ended")
+
+        proc = start_daemon()
+        wait_until(lambda: collector.payloads("harken/line1/status")[-1:] == [b"online"],
+                   timeout_s=120, what="second daemon online")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        collector.wait_for("harken/line1/status", b"offline")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
