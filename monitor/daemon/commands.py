@@ -23,6 +23,10 @@ def register(sub) -> None:
     c.add_argument("--no-models", action="store_true", help="skip loading the model artifacts")
     c.set_defaults(func=cmd_check_config)
 
+    from monitor.daemon import watch
+
+    watch.add_parser(sub)
+
 
 def cmd_check_config(args) -> int:
     from monitor.daemon.config import config_problems, read_yaml
