@@ -6,6 +6,10 @@ weights directory; this module finds them there.
 
 Weights directory, first match wins: $HARKEN_WEIGHTS_DIR, $CACHE_DIRECTORY/weights (systemd's
 CacheDirectory=), $XDG_CACHE_HOME/harken/weights, ~/.cache/harken/weights.
+
+Imported or fetched weights get a sidecar `<name>.harken.json` with the sha256 of every file,
+which `harken weights verify` rechecks; encoders also record the weights' sha256 in the model
+artifact, so a model never runs on weights other than those it was trained with.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from monitor.errors import HarkenError, UsageError
 
@@ -153,7 +158,7 @@ def _size(target: Path) -> int:
     return sum(p.stat().st_size for p in _files_of(target).values())
 
 
-def check_weights(encoder: str, *, hash_files: bool = True) -> WeightsStatus:
+def check_weights(encoder: str) -> WeightsStatus:
     """Compare the weights in the weights directory with their sidecar, else KNOWN's sha256."""
     if encoder not in KNOWN:
         return WeightsStatus(encoder, None, True, None, "none needed")
@@ -173,8 +178,6 @@ def check_weights(encoder: str, *, hash_files: bool = True) -> WeightsStatus:
         expected = {target.name: KNOWN[encoder].sha256}
     if not expected:
         return WeightsStatus(encoder, target, True, size, "unknown")
-    if not hash_files:
-        return WeightsStatus(encoder, target, True, size, "unchecked")
     problems = []
     present = _files_of(target)
     for rel, digest in expected.items():
@@ -251,11 +254,10 @@ def offline() -> bool:
 
 
 def _offline_error(encoder: str, reason: str) -> HarkenError:
-    err = HarkenError(f"cannot download {encoder} weights ({reason}); run `harken weights fetch "
+    return HarkenError(f"cannot download {encoder} weights ({reason}); run `harken weights fetch "
                       f"{encoder}` on a machine with internet access and copy {default_path(encoder)} "
                       f"into this machine's weights directory ({weights_dir()}), or use "
                       f"`harken weights import {encoder} PATH`")
-    return err
 
 
 def fetch_weights(encoder: str, *, force: bool = False) -> Path:
@@ -272,6 +274,10 @@ def fetch_weights(encoder: str, *, force: bool = False) -> Path:
     if offline():
         raise _offline_error(encoder, "offline mode is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE "
                                       "/ HARKEN_OFFLINE)")
+    host = "huggingface.co" if known.source.startswith("hf:") else urlsplit(known.source).hostname
+    reason = _unreachable(host)
+    if reason:  # one quick probe instead of the hub client's minute of retries
+        raise _offline_error(encoder, f"{host} unreachable: {reason}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.fetching"
     _remove(staging)
@@ -288,7 +294,7 @@ def fetch_weights(encoder: str, *, force: bool = False) -> Path:
         raise _offline_error(encoder, _first_line(exc)) from None
     except Exception as exc:  # hub/httpx errors do not all derive from OSError
         _remove(staging)
-        if type(exc).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests", "urllib3"):
+        if type(exc).__module__.split(".")[0] in _NETWORK_MODULES:
             raise _offline_error(encoder, _first_line(exc)) from None
         raise
     if known.kind == "file":
@@ -302,6 +308,23 @@ def fetch_weights(encoder: str, *, force: bool = False) -> Path:
     _validate(encoder, dest)
     write_sidecar(encoder, dest, known.source)
     return dest
+
+
+_NETWORK_MODULES = ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests",
+                    "urllib3")
+
+
+def _unreachable(host: str | None, timeout_s: float = 5.0) -> str | None:
+    """None when a TCP connection to host:443 opens, else why not."""
+    import socket
+
+    if not host:
+        return "no host in the download address"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as exc:
+        return _first_line(exc)
+    return None
 
 
 def _fetch_hf(repo: str, out: Path) -> None:
