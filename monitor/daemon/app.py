@@ -10,6 +10,7 @@ source states) and waits on one shutdown event.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -21,7 +22,9 @@ from monitor.daemon.evidence import EvidenceStore
 from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue, percentile
 from monitor.daemon.metrics import DaemonMetrics
 from monitor.daemon.notify import SystemdNotifier
+from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.ringbuffer import RingBuffer
+from monitor.daemon.sensor import SensorFaultMonitor
 from monitor.daemon.types import AlarmEvent, AudioBlock, Publisher, Score, Source, Window
 from monitor.logs import get_logger
 
@@ -37,6 +40,14 @@ class FanoutPublisher:
             for sink in self.sinks:
                 getattr(sink, name)(*args, **kwargs)
         return call
+
+    def status(self) -> dict:
+        """The counters of the sinks that keep any (MQTT: connection, outbox)."""
+        out: dict = {}
+        for sink in self.sinks:
+            if hasattr(sink, "status"):
+                out.update(sink.status())
+        return out
 
 
 class Daemon:
@@ -61,6 +72,9 @@ class Daemon:
         self.sources: dict[str, Source] = {}
         self.rings: dict[str, RingBuffer] = {}
         self.alarms: dict[str, AlarmStateMachine] = {}
+        self.sensor_faults: dict[str, SensorFaultMonitor] = {}
+        self.nonfinite_by_source: dict[str, int] = {}
+        self._warn = RateLimitedWarning(self.log, every_s=60.0)
         self.queue = WindowQueue(config.queue_max_windows)
         self.worker: InferenceWorker | None = None
         self.metrics: DaemonMetrics | None = None
@@ -110,6 +124,8 @@ class Daemon:
             alarm = s.alarm or self.config.alarm
             self.alarms[s.id] = AlarmStateMachine(self.node, s.id, k=alarm.k, n=alarm.n,
                                                   hold_s=alarm.hold_s)
+            if self.config.sensor_faults:
+                self.sensor_faults[s.id] = SensorFaultMonitor(self.node, s.id)
             if alarm.threshold is not None:
                 overrides[s.id] = alarm.threshold
         self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
@@ -133,7 +149,7 @@ class Daemon:
         if s.kind == "folder":
             from monitor.daemon.folder import FolderSource
 
-            return FolderSource(s)
+            return FolderSource(s, keep_silent=self.config.sensor_faults)
         if s.kind == "mic":
             from monitor.daemon.mic import MicSource
 
@@ -142,7 +158,8 @@ class Daemon:
 
         assert self.config.mqtt is not None  # check-config guarantees it
         return MqttAudioSource(s, self.config.mqtt, node=self.node,
-                               password=resolve_mqtt_password(self.config.mqtt))
+                               password=resolve_mqtt_password(self.config.mqtt),
+                               stall_after_s=self.config.stall_after_s)
 
     def init_metrics(self) -> None:
         self.metrics = DaemonMetrics()
@@ -256,12 +273,14 @@ class Daemon:
                 state = "ended"
             elif final:
                 state = "stopped"
-            elif self._audio_age_s(sid, now) > max(3 * cfg.hop_s, 10.0) and not (
+            elif self._audio_age_s(sid, now) > max(3 * cfg.hop_s, self.config.stall_after_s) and not (
                     cfg.kind == "folder" and cfg.watch):  # an idle watched folder is not broken
                 state = "stalled"
             else:
                 state = "running" if own in ("running", "starting") else own
             self._set_source_state(sid, state)
+            if self.metrics is not None:
+                self.metrics.source_stalled.labels(sid).set(1 if state == "stalled" else 0)
 
     def _set_source_state(self, sid: str, state: str) -> None:
         if self._source_states.get(sid) != state:
@@ -273,17 +292,31 @@ class Daemon:
     def stats(self) -> dict:
         assert self.worker is not None
         now = time.monotonic()
-        overruns = {sid: int(src.status().get("overruns", 0)) for sid, src in self.sources.items()}
+        own = {sid: src.status() for sid, src in self.sources.items()}
+        overruns = {sid: int(st.get("overruns", 0)) for sid, st in own.items()}
         per_source = {}
         for sid in self.sources:
+            faults = self.sensor_faults.get(sid)
             per_source[sid] = {"state": self._source_states.get(sid),
                                "last_audio_age_s": round(self._audio_age_s(sid, now), 3),
                                "alarm": self.alarms[sid].on,
                                "scored": self.scored_by_source.get(sid, 0),
                                "dropped": self.queue.dropped_by_source.get(sid, 0),
-                               "overruns": overruns[sid]}
+                               "overruns": overruns[sid],
+                               "nonfinite": self.nonfinite_by_source.get(sid, 0),
+                               # bad files (folder) or rejected payloads (mqtt)
+                               "skipped": int(own[sid].get("skipped", 0))
+                               + sum(own[sid].get("rejected", {}).values()),
+                               "sensor_faults": dict(faults.episodes) if faults else {},
+                               "sensor_faults_active": sorted(faults.active) if faults else []}
+        pub = self.publisher_status()
         return {"windows_produced": self.queue.produced, "windows_scored": self.worker.scored,
                 "windows_dropped": self.queue.dropped, "windows_failed": self.worker.failed,
+                "windows_nonfinite": sum(self.nonfinite_by_source.values()),
+                "sensor_faults": sum(sum(f.episodes.values()) for f in self.sensor_faults.values()),
+                "outbox_pending": pub.get("outbox_pending"),
+                "scores_dropped_offline": pub.get("scores_dropped"),
+                "mqtt": pub or None,
                 "overruns": sum(overruns.values()), "queue_depth": len(self.queue),
                 "inference_ms_p50": percentile(self.worker.batch_ms, 50),
                 "inference_ms_p95": percentile(self.worker.batch_ms, 95),
@@ -291,14 +324,25 @@ class Daemon:
                 "latency_ms_p95": percentile(self.worker.latency_ms, 95),
                 "uptime_s": round(now - self._started_mono, 1), "sources": per_source}
 
+    def publisher_status(self) -> dict:
+        """The MQTT publisher's counters (outbox_pending, scores_dropped...); {} for JSONL only."""
+        status = getattr(self.publisher, "status", None)
+        return dict(status()) if callable(status) else {}
+
     def publish_stats(self) -> None:
         stats = self.stats()
         assert self.metrics is not None and self.publisher is not None
-        self.metrics.queue_depth.set(stats["queue_depth"])
-        self.metrics.dropped(self.queue.dropped_by_source)
+        m = self.metrics
+        m.queue_depth.set(stats["queue_depth"])
+        m.dropped(self.queue.dropped_by_source)
+        if stats["outbox_pending"] is not None:
+            m.outbox_pending.set(stats["outbox_pending"])
+            m.mqtt_connected.set(1 if stats["mqtt"].get("connected") else 0)
+            m.scores_dropped_offline.set(stats["scores_dropped_offline"] or 0)
         for sid, s in stats["sources"].items():
-            self.metrics.audio_age.labels(sid).set(s["last_audio_age_s"])
-            self.metrics.overruns.labels(sid).set(s["overruns"])
+            m.audio_age.labels(sid).set(s["last_audio_age_s"])
+            m.overruns.labels(sid).set(s["overruns"])
+            m.skipped.labels(sid).set(s["skipped"])
         self.publisher.publish_stats(stats)
 
     # ------------------------------------------------------------------ data path
@@ -323,6 +367,16 @@ class Daemon:
         """On the inference thread, in capture order per source."""
         assert self.publisher is not None and self.metrics is not None
         w = sw.window
+        faults = self.sensor_faults.get(w.source)
+        if faults is not None:
+            for event in faults.update(w):
+                self._publish_sensor_fault(event)
+        if not math.isfinite(sw.score):
+            # Not JSON, not comparable with a threshold: counted and kept away from the alarms.
+            self.nonfinite_by_source[w.source] = self.nonfinite_by_source.get(w.source, 0) + 1
+            self._warn("score_not_finite", w.source, source=w.source, score=str(sw.score),
+                       file=w.label, count=self.nonfinite_by_source[w.source])
+            return
         score = Score(source=w.source, model=sw.model_name, score=sw.score, threshold=sw.threshold,
                       window_start_s=w.start_time_s, window_end_s=w.end_time_s,
                       ready_mono_s=w.ready_mono_s, scored_time_s=sw.scored_time_s, label=w.label)
@@ -349,6 +403,18 @@ class Daemon:
                 m.alarm.labels(w.source).set(0)
                 self.log.warning("alarm_ended", source=w.source, alarm_id=event.id,
                                  peak_score=round(event.peak_score, 6))
+
+    def _publish_sensor_fault(self, event: AlarmEvent) -> None:
+        """Through the same path (and MQTT outbox) as alarm events."""
+        assert self.publisher is not None and self.metrics is not None
+        self.events.append(event)
+        self.publisher.publish_event(event)
+        kind, state = event.detail["kind"], event.detail["state"]
+        if state == "start":
+            self.metrics.sensor_faults.labels(event.source, kind).inc()
+        self.log.warning("sensor_fault_started" if state == "start" else "sensor_fault_ended",
+                         source=event.source, kind=kind, fault_id=event.id,
+                         value=event.detail.get("value"), limit=event.detail.get("limit"))
 
     def _with_evidence(self, event: AlarmEvent, sw: ScoredWindow) -> AlarmEvent:
         if self.evidence is None:

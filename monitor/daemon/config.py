@@ -121,7 +121,8 @@ class DaemonConfig:
     batch_max: int = 32
     stats_interval_s: float = 30.0
     watchdog_dead_s: float = 120.0  # stop feeding the systemd watchdog when all sources are dead this long
-    sensor_faults: bool = False  # silence / clipping raise `sensor_fault` events
+    stall_after_s: float = 10.0  # a live source silent for max(3 hop_s, this) is reported stalled
+    sensor_faults: bool = False  # silence / clipping / DC offset raise `sensor_fault` events
     evidence: EvidenceConfig = EvidenceConfig()
     metrics: MetricsConfig = MetricsConfig()
 
@@ -266,6 +267,7 @@ def validate(cfg: DaemonConfig) -> list[str]:
     check(cfg.batch_max >= 1, "batch_max", f"must be >= 1, got {cfg.batch_max}")
     check(cfg.stats_interval_s > 0, "stats_interval_s", f"must be > 0, got {cfg.stats_interval_s}")
     check(cfg.watchdog_dead_s > 0, "watchdog_dead_s", f"must be > 0, got {cfg.watchdog_dead_s}")
+    check(cfg.stall_after_s > 0, "stall_after_s", f"must be > 0, got {cfg.stall_after_s}")
     check(cfg.jsonl is None or cfg.jsonl != "", "jsonl", "must be a path or '-'")
     problems += _alarm_problems(cfg.alarm, "alarm")
     check(cfg.evidence.max_count >= 1, "evidence.max_count", f"must be >= 1, got {cfg.evidence.max_count}")
@@ -359,6 +361,7 @@ def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
 def model_problems(cfg: DaemonConfig) -> list[str]:
     """Load every source's artifact (hash and shapes checked) once per distinct path."""
     from monitor.artifact import load_artifact  # torch import: only when models are checked
+    from monitor.audio import SAMPLE_RATE_HZ
 
     problems: list[str] = []
     loaded: dict[str, dict | str] = {}
@@ -371,6 +374,10 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
         got = loaded[s.model]
         if isinstance(got, str):
             problems.append(f"sources[{i}].model: {got}")
+        elif int(got.get("sample_rate_hz", SAMPLE_RATE_HZ)) != SAMPLE_RATE_HZ:
+            problems.append(f"sources[{i}].model: {s.model}/manifest.json: trained at "
+                            f"{got['sample_rate_hz']} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
+                            f"retrain the model at {SAMPLE_RATE_HZ} Hz")
         elif float(got["window_s"]) != s.window_s:
             problems.append(f"sources[{i}].window_s: the model was trained on {got['window_s']} s "
                             f"windows (got {s.window_s})")

@@ -6,6 +6,11 @@ Each file is its own stream: it is cut with `monitor.audio.split_windows` exactl
 to inference, so a folder source and `harken replay` give the same scores for the same files.
 Timestamps follow the audio: files are laid end to end from the moment the source started
 (in real time, never earlier than the moment a file is played).
+
+Bad files (truncated, lying headers, not audio, empty, vanished) are skipped, counted by reason
+and warned about at a limited rate; the source goes on. A watched folder that disappears (an
+unmounted share) makes the source `stalled`: it is looked for again with a back-off and
+playing resumes where it left off once it is back.
 """
 
 from __future__ import annotations
@@ -15,20 +20,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from monitor.audio import SAMPLE_RATE_HZ, split_windows, window_starts
+import numpy as np
+
+from monitor.audio import SAMPLE_RATE_HZ, load_audio, split_windows, window_starts
 from monitor.daemon.config import SourceConfig
+from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.types import BlockSink, Window, WindowSink
+from monitor.errors import AudioError
 from monitor.labels import AUDIO_SUFFIXES, parse_clip
 from monitor.logs import get_logger
-from monitor.replay import SkipCounter, load_checked
+from monitor.replay import SILENCE_PEAK, SkipCounter
+
+MISSING_BACKOFF_MAX_S = 30.0  # a vanished watched folder is looked for at most this far apart
 
 
 class FolderSource:
     def __init__(self, config: SourceConfig, *, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 wait: Callable[[float], bool] | None = None):
+                 wait: Callable[[float], bool] | None = None, keep_silent: bool = False):
         """`clock`/`wait` are injectable so tests can check real-time pacing without sleeping:
-        wait(seconds) returns True when the source was stopped meanwhile."""
+        wait(seconds) returns True when the source was stopped meanwhile. `keep_silent` plays
+        all-zero files too (the daemon's sensor-fault check wants to see them)."""
         self.id = config.id
         self.config = config
         self.root = Path(config.path or ".")
@@ -41,7 +53,13 @@ class FolderSource:
         self._done: set[Path] = set()
         self._sizes: dict[Path, int] = {}
         self._timeline_s: float | None = None
+        self.keep_silent = keep_silent
         self.skips = SkipCounter()
+        self.skipped_by_reason: dict[str, int] = {}
+        self.missing = False  # a watched folder that is not there (stalled)
+        self.missing_episodes = 0
+        self._missing_polls = 0
+        self._warn = RateLimitedWarning(get_logger(stage="source", source=self.id), every_s=60.0)
         self.files = 0
         self.windows = 0
         self.waits_s: list[float] = []  # pacing waits, for tests and benchmarks
@@ -66,9 +84,11 @@ class FolderSource:
         return self._finished
 
     def status(self) -> dict:
-        state = "ended" if self._finished else "running"
+        state = "ended" if self._finished else "stalled" if self.missing else "running"
         return {"state": state, "kind": "folder", "files": self.files, "windows": self.windows,
-                "skipped": self.skips.total, "last_audio_mono_s": self.last_audio_mono_s}
+                "skipped": self.skips.total, "skipped_by_reason": dict(self.skipped_by_reason),
+                "missing_episodes": self.missing_episodes,
+                "last_audio_mono_s": self.last_audio_mono_s}
 
     # ------------------------------------------------------------------ work
 
@@ -81,6 +101,10 @@ class FolderSource:
                  watch=self.config.watch)
         try:
             while not self._stop.is_set():
+                if self.config.watch and not self._root_present(log):
+                    if self._wait(self._missing_delay_s()):
+                        break
+                    continue
                 for path in self._ready_files():
                     if self._stop.is_set():
                         break
@@ -97,23 +121,74 @@ class FolderSource:
         log.info("source_ended" if self._finished else "source_stopped", files=self.files,
                  windows=self.windows)
 
+    def _root_present(self, log) -> bool:
+        """Whether the watched folder is there; logs each change once (not every poll)."""
+        present = self.root.is_dir()
+        if not present and not self.missing:
+            self.missing = True
+            self.missing_episodes += 1
+            self._missing_polls = 0
+            log.warning("folder_missing", path=str(self.root),
+                        hint="retrying with back-off; playing resumes when it is back")
+        elif present and self.missing:
+            self.missing = False
+            log.info("folder_back", path=str(self.root))
+        return present
+
+    def _missing_delay_s(self) -> float:
+        """poll_s, doubling per failed look up to MISSING_BACKOFF_MAX_S (or poll_s if larger)."""
+        self._missing_polls += 1
+        cap = max(self.config.poll_s, MISSING_BACKOFF_MAX_S)
+        return min(self.config.poll_s * 2 ** min(self._missing_polls - 1, 16), cap)
+
     def _ready_files(self) -> list[Path]:
         """New files in name order; when watching, only those whose size held across two
         polls (a recorder may still be writing the newest one)."""
-        found = sorted(p for p in self.root.rglob("*")
-                       if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() and p not in self._done)
+        try:
+            found = sorted(p for p in self.root.rglob("*")
+                           if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+                           and p not in self._done)
+        except OSError:  # the folder vanished while it was listed: the next poll sees it
+            return []
         if not self.config.watch:
             return found
         ready = []
         for p in found:
-            size = p.stat().st_size
+            try:
+                size = p.stat().st_size
+            except OSError:  # removed between listing and stat
+                self._sizes.pop(p, None)
+                continue
             if size > 0 and self._sizes.get(p) == size:
                 ready.append(p)
             self._sizes[p] = size
         return ready
 
+    def _skip(self, path: Path, reason: str, detail: str) -> None:
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+        self._warn("file_skipped", reason, file=str(path), reason=reason, detail=detail,
+                   skipped=self.skipped_by_reason[reason])
+
+    def _load(self, path: Path) -> np.ndarray | None:
+        """16 kHz mono audio, or None (counted, warned at a limited rate) for a bad file."""
+        try:
+            mono = load_audio(path)
+        except AudioError as exc:
+            self.skips.unreadable += 1
+            self._skip(path, "unreadable", str(exc))
+            return None
+        except MemoryError:  # a header claiming gigabytes of samples
+            self.skips.unreadable += 1
+            self._skip(path, "too_large", f"{path}: too large to read")
+            return None
+        if not self.keep_silent and float(np.max(np.abs(mono))) < SILENCE_PEAK:
+            self.skips.silent += 1
+            self._skip(path, "silent", f"{path}: silent (all samples ~0)")
+            return None
+        return mono
+
     def _play(self, path: Path, log) -> None:
-        mono = load_checked(path, self.skips, log)
+        mono = self._load(path)
         self.files += 1
         if mono is None:
             return

@@ -26,6 +26,18 @@ class DaemonMetrics:
                                        registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.latency = Histogram("harken_window_to_score_seconds", "Window complete to score",
                                  registry=r, buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.skipped = Gauge("harken_input_skipped", "Bad files or rejected payloads skipped",
+                             ["source"], registry=r)
+        self.source_stalled = Gauge("harken_source_stalled", "1 while the source delivers no audio "
+                                    "(device gone, feed stopped, folder missing)", ["source"], registry=r)
+        self.sensor_faults = Counter("harken_sensor_faults", "Sensor fault episodes started",
+                                     ["source", "kind"], registry=r)
+        self.outbox_pending = Gauge("harken_mqtt_outbox_pending", "Alarm events and states on disk "
+                                    "waiting for the broker's acknowledgement", registry=r)
+        self.mqtt_connected = Gauge("harken_mqtt_connected", "1 while connected to the broker",
+                                    registry=r)
+        self.scores_dropped_offline = Gauge("harken_mqtt_scores_dropped", "Scores not published "
+                                            "because the broker was away", registry=r)
         self._dropped_seen: dict[str, int] = {}
 
     def serve(self, host: str, port: int) -> None:

@@ -81,6 +81,7 @@ class MicSource:
         self.overruns = 0
         self.blocks = 0
         self.reopens = 0
+        self.reopen_failures = 0
         self.last_audio_mono_s: float | None = None
         self.state = "starting"
 
@@ -111,6 +112,7 @@ class MicSource:
     def status(self) -> dict:
         return {"state": self.state, "kind": "mic", "device": self.device_index,
                 "blocks": self.blocks, "overruns": self.overruns, "reopens": self.reopens,
+                "reopen_failures": self.reopen_failures,
                 "last_audio_mono_s": self.last_audio_mono_s}
 
     # ------------------------------------------------------------------ PortAudio side
@@ -166,7 +168,8 @@ class MicSource:
             try:
                 data, adc_s, overflow = self._blocks.get(timeout=0.5)
             except queue.Empty:
-                if self._stream is not None and not getattr(self._stream, "active", True):
+                # No stream: the last reopen failed (device still gone), so try again.
+                if self._stream is None or not getattr(self._stream, "active", True):
                     self._reopen(log, delay)
                     delay = min(delay * 2, self._backoff[1])
                 continue
@@ -177,8 +180,9 @@ class MicSource:
             self._deliver(data, adc_s)
 
     def _reopen(self, log, delay: float) -> None:
+        if self.state != "stalled":  # once per outage, not per retry
+            log.warning("mic_stream_dead", retry_in_s=delay)
         self.state = "stalled"
-        log.warning("mic_stream_dead", retry_in_s=delay)
         self._close()
         if self._stop.wait(delay):
             return
@@ -187,7 +191,9 @@ class MicSource:
             self.reopens += 1
             log.info("mic_stream_reopened")
         except UsageError as exc:
-            log.warning("mic_reopen_failed", error=str(exc))
+            self.reopen_failures += 1
+            log.warning("mic_reopen_failed", error=str(exc), retry_in_s=min(
+                delay * 2, self._backoff[1]))
 
     def _deliver(self, data: np.ndarray, adc_s: float) -> None:
         sel = self.config.select_channels

@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from monitor.daemon.config import MqttConfig
 from monitor.daemon.outbox import Outbox
+from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.types import AlarmEvent, Score
 from monitor.errors import UsageError
 from monitor.logs import get_logger
@@ -74,25 +75,6 @@ def make_client(mqtt: MqttConfig, *, client_id: str, password: str | None) -> pa
         client.tls_insecure_set(mqtt.tls.insecure)
     client.reconnect_delay_set(min_delay=mqtt.reconnect_min_s, max_delay=mqtt.reconnect_max_s)
     return client
-
-
-class RateLimitedWarning:
-    """Warn about a recurring problem at most once per `every_s` per key, with the count."""
-
-    def __init__(self, log, every_s: float = 10.0):
-        self._log = log
-        self._every_s = every_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def __call__(self, event: str, key: str, **fields) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._every_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        self._log.warning(event, suppressed=self._suppressed.pop(key, 0), **fields)
 
 
 # --------------------------------------------------------------------------- publisher
