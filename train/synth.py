@@ -340,7 +340,8 @@ def _friction(p: MachineParams, kin: Kinematics, rng: np.random.Generator) -> np
     speed = np.abs(kin.v_mps)
     ball_phase = 2 * np.pi * np.cumsum(speed / p.ball_pitch_m) / FS
     lube = rng.uniform(0.9, 1.1)
-    return noise * lube * (speed / p.speed_mps) ** 1.2 * (1 + p.ball_pass_depth * np.sin(ball_phase))
+    ball_pass = 1 + p.ball_pass_depth * np.sin(ball_phase)
+    return noise * lube * (speed / p.speed_mps) ** 1.2 * ball_pass
 
 
 def _end_stops(p: MachineParams, kin: Kinematics, rng: np.random.Generator) -> np.ndarray:
@@ -384,7 +385,9 @@ def _level(severity: float, lo_db: float, hi_db: float) -> float:
     return 10 ** ((lo_db + severity * (hi_db - lo_db)) / 20)
 
 
-def _fault_rail_damage(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
+def _fault_rail_damage(p: MachineParams, kin: Kinematics, severity: float,
+                       rng: np.random.Generator, ref_rms: float,
+                       friction: np.ndarray) -> np.ndarray:
     n = kin.v_mps.size
     x_dent = rng.uniform(0.15, 0.85) * p.stroke_m
     side = np.sign(kin.x_m - x_dent)
@@ -401,7 +404,9 @@ def _fault_rail_damage(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
     return ref_rms * _level(severity, 6.0, 24.0) * click / max(1e-9, np.max(np.abs(click)))
 
 
-def _fault_dry_carriage(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
+def _fault_dry_carriage(p: MachineParams, kin: Kinematics, severity: float,
+                        rng: np.random.Generator, ref_rms: float,
+                        friction: np.ndarray) -> np.ndarray:
     n = kin.v_mps.size
     rel = np.abs(kin.v_mps) / p.speed_mps
     f0 = rng.uniform(1500, 4500)
@@ -421,18 +426,20 @@ def _fault_dry_carriage(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
     return squeal + _level(severity, -18.0, -6.0) * friction  # rougher, louder friction
 
 
-def _fault_slack_belt(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
+def _fault_slack_belt(p: MachineParams, kin: Kinematics, severity: float,
+                      rng: np.random.Generator, ref_rms: float,
+                      friction: np.ndarray) -> np.ndarray:
     n = kin.v_mps.size
     load = np.abs(kin.accel_mps2) / p.accel_mps2
-    moving = np.abs(kin.v_mps) > 0.05 * kin.speed_mps
     flap_hz = p.belt_span_hz * rng.uniform(0.9, 1.1)
     flap_phase = np.cumsum(flap_hz * (load > 0)) / FS + rng.random()
     slap_at = np.nonzero(np.diff(np.floor(flap_phase)) > 0)[0] + 1
     slap_amps = rng.uniform(0.3, 1.0, slap_at.size) * (rng.random(slap_at.size) < 0.8)
-    slap = _damped_modes(0.12, [(rng.uniform(90, 250), 0.03, 1.0), (rng.uniform(400, 1200), 0.01, 0.6)])
+    slap = _damped_modes(0.12, [(rng.uniform(90, 250), 0.03, 1.0),
+                                (rng.uniform(400, 1200), 0.01, 0.6)])
     knock = _damped_modes(0.06, [(rng.uniform(600, 1500), 0.008, 1.0)])
-    out = _place(n, slap_at, slap_amps, slap) + _place(n, kin.stroke_starts, np.ones(
-        kin.stroke_starts.size), knock) * moving.any()
+    out = _place(n, slap_at, slap_amps, slap) + _place(n, kin.stroke_starts,
+                                                       np.ones(kin.stroke_starts.size), knock)
     return ref_rms * _level(severity, 6.0, 20.0) * out
 
 
@@ -450,7 +457,9 @@ def _slack_ripple(p: MachineParams, kin: Kinematics, severity: float,
                       stroke_ends=kin.stroke_ends, speed_mps=kin.speed_mps)
 
 
-def _fault_bearing_defect(p, kin, severity, rng, ref_rms, friction) -> np.ndarray:
+def _fault_bearing_defect(p: MachineParams, kin: Kinematics, severity: float,
+                          rng: np.random.Generator, ref_rms: float,
+                          friction: np.ndarray) -> np.ndarray:
     n = kin.v_mps.size
     shaft = p.shaft_hz * np.abs(kin.motor_v_mps) / p.speed_mps
     defect_phase = np.cumsum(p.bearing_order * shaft) / FS + rng.random()
@@ -521,7 +530,8 @@ def render_components(machine: int | MachineParams, fault: str | None = None,
     background *= math.sqrt(np.mean(machine_sound ** 2) / np.mean(background ** 2)
                             / 10 ** (snr_db / 10))
     healthy = machine_sound + background
-    gain = TARGET_RMS * 10 ** (gain_rng.uniform(-GAIN_JITTER_DB, GAIN_JITTER_DB) / 20) / _rms(healthy)
+    jitter_db = gain_rng.uniform(-GAIN_JITTER_DB, GAIN_JITTER_DB)
+    gain = TARGET_RMS * 10 ** (jitter_db / 20) / _rms(healthy)
     peak = np.max(np.abs(healthy + fault_sound)) * gain
     if peak > PEAK_LIMIT:
         gain *= PEAK_LIMIT / peak
@@ -538,7 +548,7 @@ def render_clip(machine: int | MachineParams, fault: str | None = None, severity
 
 
 def clip_seed(seed: int, machine_id: int, split: str, index: int) -> np.random.SeedSequence:
-    """The seed of one data-set clip: (seed, ID, split, index), split in train/test_normal/test_anomaly."""
+    """The seed of one data-set clip; split is train, test_normal or test_anomaly."""
     return np.random.SeedSequence([seed, machine_id, _SPLIT_CODES[split], index])
 
 
