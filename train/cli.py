@@ -50,6 +50,7 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, encoder=args.encoder, decoder=args.decoder,
                             scorers=args.scorer, weights=args.weights, seed=args.seed,
+                            embedding=args.embedding,
                             max_epochs=args.max_epochs)
     result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
     if args.json:
@@ -217,11 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model artifact on normal clips")
     t.add_argument("--data", required=True, help="data directory (uses DATA/train when it exists)")
     t.add_argument("--out", required=True, help="model directory to write")
-    t.add_argument("--encoder", default=None, help="mel (default) or efficientat")
-    t.add_argument("--decoder", default=None, help="mlp (default)")
+    t.add_argument("--encoder", default=None, help="mel (default), conv, efficientat, ast, panns, wav2vec2, resnet50")
+    t.add_argument("--decoder", default=None, help="mlp (default), unet, cnn")
     t.add_argument("--scorer", default=None,
                    help="comma-separated: recon (default), knn, mahalanobis; several are fused")
     t.add_argument("--weights", default=None, help="encoder weights file (pretrained encoders)")
+    t.add_argument("--embedding", default=None,
+                   help="encoder-specific embedding (efficientat: pooled384, hidden512, both)")
     t.add_argument("--config", default=None, help="YAML with training settings (see config/)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--seed", type=int, default=None)
@@ -285,12 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--json", action="store_true", help="list: one JSON object on stdout")
     wt.set_defaults(func=cmd_weights)
 
-    try:
-        from monitor.daemon import commands as daemon_commands
-    except ImportError:  # the daemon package is optional while it is being built
-        daemon_commands = None
-    if daemon_commands is not None:
-        daemon_commands.register(sub)
+    from monitor.daemon import commands as daemon_commands
+
+    daemon_commands.register(sub)
     return p
 
 

@@ -19,6 +19,7 @@ class TrainConfig:
     decoder: str = "mlp"
     scorers: tuple[str, ...] = ("recon",)
     weights: str | None = None  # encoder weights file, for pretrained encoders
+    embedding: str | None = None  # encoder-specific embedding choice (efficientat: pooled384, hidden512, both)
     decoder_dims: tuple[int, ...] | None = None  # default: the seed's widths for this encoder
     learning_rate: float = 1e-3
     batch_size: int = 32

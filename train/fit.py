@@ -50,6 +50,8 @@ def encoder_spec(cfg: TrainConfig) -> dict:
     spec: dict = {"name": cfg.encoder}
     if cfg.weights:
         spec["weights"] = str(Path(cfg.weights).resolve())
+    if cfg.embedding:
+        spec["embedding"] = cfg.embedding
     return spec
 
 

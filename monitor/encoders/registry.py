@@ -20,7 +20,8 @@ def _build_efficientat(spec: dict, device: torch.device) -> Encoder:
     from monitor.encoders.efficientat import load_efficientat
 
     return load_efficientat(
-        spec.get("weights"), device=device, embedding=spec.get("embedding", "pooled384")
+        spec.get("weights"), device=device, embedding=spec.get("embedding", "pooled384"),
+        expected_sha256=spec.get("weights_sha256"),
     ).eval()
 
 
