@@ -5,6 +5,7 @@ watch` uses them). Topics are listed in `monitor.daemon.mqtt`."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -74,6 +75,9 @@ def make_client(mqtt: MqttConfig, *, client_id: str, password: str | None) -> pa
             raise UsageError(f"mqtt.tls: cannot load certificates ({exc})") from None
         client.tls_insecure_set(mqtt.tls.insecure)
     client.reconnect_delay_set(min_delay=mqtt.reconnect_min_s, max_delay=mqtt.reconnect_max_s)
+    # paho's own log (packets at debug level) through structlog's handler; it never writes
+    # the password (CONNECT is logged as flags), which a test checks at debug level.
+    client.enable_logger(logging.getLogger("paho.mqtt"))
     return client
 
 

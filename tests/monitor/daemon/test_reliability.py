@@ -389,3 +389,208 @@ def test_mic_keeps_retrying_with_back_off_while_the_device_is_gone():
         assert blocks[0].discontinuity and src.reopens == 1
     finally:
         src.stop()
+
+
+# --------------------------------------------------------------------------- 3. bad audio
+
+
+def wav_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_bad_files_in_a_folder_are_counted_and_the_daemon_goes_on(tiny_model, tmp_path):
+    rng = np.random.default_rng(5)
+    d = tmp_path / "drop"
+    d.mkdir()
+    good = wav_bytes(tone_clip(rng, 0, False))
+    (d / "01_normal_id_00_good.wav").write_bytes(good)
+    (d / "02_empty.wav").write_bytes(b"")
+    (d / "03_text.wav").write_text("this is a shopping list, not audio\n" * 20)
+    (d / "04_garbage.wav").write_bytes(b"RIFF" + rng.integers(0, 256, 4000, np.uint8).tobytes())
+    (d / "05_truncated.wav").write_bytes(good[: len(good) // 3])
+    liar = bytearray(good)
+    data_at = liar.index(b"data")
+    struct.pack_into("<I", liar, data_at + 4, 50 * len(good))  # claims far more than is there
+    struct.pack_into("<I", liar, 4, 50 * len(good) + 36)
+    (d / "06_lying_header.wav").write_bytes(bytes(liar))
+    (d / "07_header_only.wav").write_bytes(good[:44])
+    (d / "08_normal_id_00_good.wav").write_bytes(wav_bytes(tone_clip(rng, 0, False)))
+    out = tmp_path / "out.jsonl"
+    cfg = tmp_path / "harken.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "node": NODE, "device": "cpu", "state_dir": str(tmp_path / "state"), "jsonl": str(out),
+        "sources": [{"id": "f", "kind": "folder", "path": str(d), "model": str(tiny_model)}]}))
+    proc = harken("monitor", "--config", str(cfg), "--log-level", "warning")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = read_jsonl(out)
+    scored = {Path(r["file"]).name for r in rows if r["kind"] == "score"}
+    # the good files and whatever audio the damaged ones still hold are scored
+    assert {"01_normal_id_00_good.wav", "08_normal_id_00_good.wav", "05_truncated.wav",
+            "06_lying_header.wav"} <= scored
+    assert not scored & {"02_empty.wav", "03_text.wav", "04_garbage.wav", "07_header_only.wav"}
+    stats = [r for r in rows if r["kind"] == "stats"][-1]
+    assert stats["sources"]["f"]["skipped"] == 4 and stats["windows_failed"] == 0
+    assert stats["sources"]["f"]["state"] == "ended"
+    warnings = [json.loads(ln) for ln in proc.stderr.splitlines()
+                if ln.startswith("{") and '"file_skipped"' in ln]
+    # rate-limited: the first bad file is named, the next ones within a minute are counted
+    assert len(warnings) == 1 and warnings[0]["reason"] == "unreadable"
+    assert "02_empty.wav" in warnings[0]["file"]
+
+
+def test_window_levels_and_fault_thresholds():
+    t = np.arange(RATE) / RATE
+    tone = (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    assert window_faults(measure(tone)) == {}
+    assert set(window_faults(measure(np.zeros(RATE, np.float32)))) == {"silence"}
+    quiet = tone * 10 ** ((SILENCE_DBFS - 5) / 20) / 0.0707  # 5 dB under the silence line
+    assert set(window_faults(measure(quiet))) == {"silence"}
+    assert window_faults(measure(quiet * 10)) == {}
+    clipped = np.clip(tone * 30, -1, 1)
+    assert set(window_faults(measure(clipped))) == {"clipping"}
+    few = tone.copy()
+    few[: int(RATE * CLIP_FRACTION / 2)] = 1.0  # under the fraction: a single loud click
+    assert window_faults(measure(few)) == {}
+    assert set(window_faults(measure(tone + 0.3))) == {"dc_offset"}
+    nan = tone.copy()
+    nan[::100] = np.nan  # non-finite samples never reach the result as NaN
+    levels = measure(nan)
+    assert np.isfinite(levels.rms_dbfs) and "clipping" in window_faults(levels)
+
+
+def test_sensor_fault_episodes_start_once_and_end():
+    mon = SensorFaultMonitor("n", "s")
+    tone = (0.1 * np.sin(np.arange(RATE) / 3.0)).astype(np.float32)
+    kinds = [tone, np.zeros(RATE, np.float32), np.zeros(RATE, np.float32), tone, tone + 0.5]
+    events = [(e.detail["kind"], e.detail["state"], e.seq)
+              for i, x in enumerate(kinds)
+              for e in mon.update(Window("s", x, 100.0 + i, 1.0, 0.0))]
+    assert events == [("silence", "start", 0), ("silence", "end", 1), ("dc_offset", "start", 0)]
+    assert mon.episodes == {"silence": 1, "clipping": 0, "dc_offset": 1}
+    assert set(mon.active) == {"dc_offset"}
+
+
+def test_sensor_faults_in_the_daemon_through_real_scorers(tiny_model, tmp_path):
+    from monitor.daemon.app import Daemon
+
+    rng = np.random.default_rng(9)
+    d = tmp_path / "drop"
+    d.mkdir()
+    normal = [tone_clip(rng, 0, False) for _ in range(5)]
+    t = np.arange(10 * RATE) / RATE
+    clipped = np.clip(3.0 * np.sin(2 * np.pi * 150 * t), -1, 1)  # symmetric: no DC offset
+    clips = [normal[0], np.zeros(10 * RATE, np.float32), np.zeros(10 * RATE, np.float32),
+             normal[1], clipped, normal[3], normal[4] + 0.4, normal[0]]
+    for i, x in enumerate(clips):
+        sf.write(d / f"{i:02d}_normal_id_00.wav", x.astype(np.float32), RATE, subtype="FLOAT")
+    out = tmp_path / "out.jsonl"
+    cfg = DaemonConfig(sources=(SourceConfig(id="f", kind="folder", model=str(tiny_model),
+                                             path=str(d)),),
+                       node="t", device="cpu", state_dir=str(tmp_path / "state"), jsonl=str(out),
+                       sensor_faults=True, evidence=EvidenceConfig(enabled=False))
+    assert Daemon(cfg).run() == 0
+    rows = read_jsonl(out)  # allow_nan=False: a NaN anywhere would have failed the write
+    faults = [(r["detail"]["kind"], r["detail"]["state"], Path(r["detail"]["file"]).name[:2])
+              for r in rows if r["kind"] == "event" and r["type"] == "sensor_fault"]
+    assert faults == [("silence", "start", "01"), ("silence", "end", "03"),
+                      ("clipping", "start", "04"), ("clipping", "end", "05"),
+                      ("dc_offset", "start", "06"), ("dc_offset", "end", "07")]
+    scores = [r for r in rows if r["kind"] == "score"]
+    stats = [r for r in rows if r["kind"] == "stats"][-1]
+    assert stats["sensor_faults"] == 3 and stats["windows_failed"] == 0
+    assert stats["sources"]["f"]["sensor_faults"] == {"silence": 1, "clipping": 1, "dc_offset": 1}
+    # silent windows are scored too (not skipped) unless a scorer gives no finite number
+    assert len(scores) + stats["windows_nonfinite"] == len(clips)
+    assert all(np.isfinite(r["score"]) for r in scores)
+
+
+# --------------------------------------------------------------------------- 4. bad models
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"format_version": 99}, "upgrade harken"),
+    ({"sample_rate_hz": 44100}, "retrain the model at 16000 Hz"),
+])
+def test_a_model_from_a_newer_harken_or_another_rate_fails_at_start(tiny_model, tmp_path, change,
+                                                                     expect):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps(manifest | change))
+    d = tmp_path / "drop"
+    d.mkdir()
+    source = {"id": "f", "kind": "folder", "path": str(d), "model": str(model)}
+    _, problems = config_problems({"sources": [source]})
+    assert len(problems) == 1 and str(model / "manifest.json") in problems[0], problems
+    assert expect in problems[0]
+    cfg = tmp_path / "harken.yaml"
+    cfg.write_text(yaml.safe_dump({"node": NODE, "device": "cpu", "sources": [source],
+                                   "state_dir": str(tmp_path / "state")}))
+    proc = harken("monitor", "--config", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("harken: error:"), proc.stderr
+    assert str(model / "manifest.json") in lines[0] and expect in lines[0]
+
+
+# --------------------------------------------------------------------------- 5. security
+
+
+@pytest.mark.parametrize("topic", ["rec/+/pcm", "rec/#", "#"])
+def test_the_audio_topic_rejects_wildcards(tmp_path, topic):
+    _, problems = config_problems({"mqtt": {}, "sources": [
+        {"id": "q", "kind": "mqtt", "model": "m", "topic": topic}]}, check_models=False)
+    assert problems == [f"sources[0].topic: must not contain MQTT wildcards, got {topic!r}"]
+
+
+def listening_address(port: int) -> str | None:
+    """The local address of the LISTEN socket on `port`, from /proc/net/tcp{,6}."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                if len(addr) == 8:
+                    return socket.inet_ntoa(struct.pack("<I", int(addr, 16)))
+                return addr
+    return None
+
+
+def test_password_never_logged_and_metrics_only_on_localhost(tiny_model, tmp_path):
+    password = "pw-Zq83-never-print-me"
+    with Mosquitto(tmp_path / "broker", users={"harken": password, "watcher": "w"}) as broker:
+        seen = Collector(broker, ("harken/#",), username="watcher", password="w")
+        secret = tmp_path / "mqtt_password"
+        secret.write_text(password + "\n")
+        port = free_port()
+        d = tmp_path / "drop"
+        d.mkdir()
+        sf.write(d / "000_normal_id_00.wav", tone_clip(np.random.default_rng(2), 0, False), RATE)
+        cfg = tmp_path / "harken.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "node": NODE, "device": "cpu", "state_dir": str(tmp_path / "state"),
+            "metrics": {"enabled": True, "port": port},  # host left to its default
+            "mqtt": {"host": broker.host, "port": broker.port, "username": "harken",
+                     "password_file": str(secret), "reconnect_min_s": 0.2,
+                     "reconnect_max_s": 0.5},
+            "sources": [{"id": "f", "kind": "folder", "path": str(d), "model": str(tiny_model),
+                         "watch": True, "poll_s": 0.1}]}))
+        proc = start_monitor(cfg, log_level="debug")
+        try:
+            seen.wait_for(f"harken/{NODE}/f/score", timeout_s=120)
+            assert listening_address(port) == "127.0.0.1"
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            assert b"harken_mqtt_outbox_pending" in text and b"harken_source_stalled" in text
+        finally:
+            stdout, stderr = drain(proc)
+            seen.close()
+    assert proc.returncode == 0, stderr
+    # it did log, verbosely: paho's packet log too (CONNECT with its user-name/password flags)
+    assert '"mqtt_connected"' in stderr and "Sending CONNECT" in stderr
+    assert password not in stdout + stderr
+    assert password not in (tmp_path / "state" / "outbox.sqlite").read_bytes().decode("latin-1")
