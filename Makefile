@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harken-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps demo test clean
+.PHONY: setup system-deps demo test soak clean
 
 setup: $(STAMP) system-deps
 
@@ -31,6 +31,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Not part of `make test`: 10 minutes of 8 sources while the broker is killed every minute.
+soak: setup
+	$(PY) -m train.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
+
+# Inference speed next to the reference pipelines, then the daemon's sustained source count.
+bench: setup
+	$(PY) -m train.cli bench --encoder mel --encoder efficientat --batch 1,8,32 --seconds 5
+	$(PY) -m train.cli bench --daemon --encoder efficientat --time-scale 10 --budget-s 300
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -22,6 +22,22 @@ from monitor.encoders.mel import MelImageEncoder
 from monitor.scorers import SCORERS, Features, Fusion, Scorer, Standardizer
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision name (None: plain fp32).
+
+    bf16 autocast works on CPU and CUDA; on a 2-core CPU it measured slower than fp32 for
+    efficientat (see `harken bench`), so fp32 stays the default everywhere. fp16 is CUDA only.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    return PRECISIONS[precision]
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -36,8 +52,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 class Detector:
     def __init__(self, encoder: Encoder, standardizer: Standardizer, scorers: dict[str, Scorer],
-                 fusion: Fusion, threshold: float, manifest: dict, device: torch.device):
+                 fusion: Fusion, threshold: float, manifest: dict, device: torch.device,
+                 precision: str = "fp32", compile: bool = False):
+        self.precision = precision
+        self.autocast_dtype = resolve_precision(precision, device)
+        # Pinned host memory lets the copy to the GPU overlap; pointless (and slower) on the CPU.
+        self.pin_memory = device.type == "cuda"
         self.encoder = encoder
+        if compile:
+            # Optional; on CUDA "reduce-overhead" also captures CUDA graphs for each fixed batch
+            # shape. Untested on a GPU here (no GPU on the development machine).
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self.encoder = torch.compile(encoder, mode=mode, dynamic=False)
         self.standardizer = standardizer
         self.scorers = scorers
         self.fusion = fusion
@@ -53,12 +79,17 @@ class Detector:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto") -> Detector:
-        return cls.from_artifact(load_artifact(path), device)
+    def load(cls, path: str | Path, device: str | torch.device = "auto", *,
+             precision: str = "fp32", compile: bool = False) -> Detector:
+        """precision: fp32 (default), bf16 (autocast, CPU or CUDA) or fp16 (CUDA autocast);
+        compile: wrap the encoder in torch.compile (optional, first batch of each shape is slow)."""
+        return cls.from_artifact(load_artifact(path), device, precision=precision, compile=compile)
 
     @classmethod
-    def from_artifact(cls, art: Artifact, device: str | torch.device = "auto") -> Detector:
+    def from_artifact(cls, art: Artifact, device: str | torch.device = "auto", *,
+                      precision: str = "fp32", compile: bool = False) -> Detector:
         dev = resolve_device(device)
+        resolve_precision(precision, dev)  # a bad name fails before the weights load
         m = art.manifest
         where = art.path / "manifest.json"
         if int(m["sample_rate_hz"]) != SAMPLE_RATE_HZ:
@@ -87,7 +118,8 @@ class Detector:
             if hasattr(s, "model"):
                 s.model.to(dev)
         fusion = Fusion.from_json(m.get("fusion", {"method": "mean", "stats": {}}))
-        return cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev)
+        return cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev,
+                   precision=precision, compile=compile)
 
     # ------------------------------------------------------------------ scoring
 
@@ -98,10 +130,16 @@ class Detector:
     @torch.inference_mode()
     def features(self, windows: np.ndarray | torch.Tensor) -> Features:
         """(batch, samples) 16 kHz -> raw features on the detector's device."""
-        waves = torch.as_tensor(windows, dtype=torch.float32).to(self.device, non_blocking=True)
+        waves = torch.as_tensor(windows, dtype=torch.float32)
         if waves.ndim != 2:
             raise UsageError(f"expected (batch, samples) windows, got shape {tuple(waves.shape)}")
-        return encode(self.encoder, waves, with_map=self.needs_map, image=self._image_encoder())
+        if self.pin_memory and waves.device.type == "cpu":
+            waves = waves.pin_memory()
+        waves = waves.to(self.device, non_blocking=True)  # the whole batch in one transfer
+        # Front ends opt out of autocast themselves (log of low-precision power loses the floor).
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            return encode(self.encoder, waves, with_map=self.needs_map, image=self._image_encoder())
 
     def embed(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(batch, samples) 16 kHz -> (batch, dim) raw embeddings."""

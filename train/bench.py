@@ -2,12 +2,15 @@
 plain reference pipeline, run in the same process on the same inputs.
 
 Weights are random-initialised unless real ones are at hand (timing does not depend on them);
-the output says which.
+the output says which. The reference pipelines run at batch 1 and fp32, the way their projects'
+examples do. CUDA graphs and torch.compile on CUDA are untested here (no GPU on the development
+machine); on the CPU bf16 autocast is measured, not assumed to win.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -97,19 +100,19 @@ def _harken_path(encoder, device: torch.device, precision: str) -> Callable[[np.
 
 
 def contenders(name: str, device: torch.device, batches: tuple[int, ...],
-               precisions: tuple[str, ...]) -> dict[str, Contender]:
+               precisions: tuple[str, ...], weights_path: str | None = None) -> dict[str, Contender]:
     """harken's path at each precision, and the reference pipeline, for one encoder."""
     builder = BENCH_ENCODERS.get(name)
     if builder is None:
         raise UsageError(f"no benchmark for encoder {name!r}; available: {', '.join(BENCH_ENCODERS)}")
-    encoder, reference, weights = builder(device)
+    encoder, reference, weights = builder(device, weights_path)
     out = {f"harken-{p}": Contender(_harken_path(encoder, device, p), batches, p, weights)
            for p in precisions}
     out["reference"] = Contender(reference, (1,), "fp32", weights)
     return out
 
 
-def _bench_mel(device):
+def _bench_mel(device, weights_path=None):
     import torchaudio
 
     from monitor.encoders.mel import MelImageEncoder
@@ -129,13 +132,15 @@ def _bench_mel(device):
     return enc, reference, "none (no weights)"
 
 
-def _bench_efficientat(device):
+def _bench_efficientat(device, weights_path=None):
     from monitor.encoders import efficientat as ea
 
-    try:
-        enc = ea.load_efficientat(None, device=device)
-        weights = "real (shared EfficientAT mn04)"
+    try:  # --weights, else the weights directory ($HARKEN_WEIGHTS_DIR)
+        enc = ea.load_efficientat(weights_path, device=device)
+        weights = "real (EfficientAT mn04)"
     except UsageError:
+        if weights_path:
+            raise
         enc = ea.EfficientATEncoder(ea.EfficientATNet()).to(device).eval()
         weights = "random-initialised"
     net = enc.net if hasattr(enc, "net") else enc
@@ -152,7 +157,7 @@ def _bench_efficientat(device):
     return enc, reference, weights
 
 
-def _bench_ast(device):
+def _bench_ast(device, weights_path=None):
     from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
     from monitor.encoders import ast as ast_mod
@@ -183,16 +188,26 @@ BENCH_ENCODERS: dict[str, Callable] = {"mel": _bench_mel, "efficientat": _bench_
 
 def run_bench(encoders: list[str], device: str = "cpu", batches: tuple[int, ...] = (1, 8, 32),
               seconds: float = 5.0, precisions: tuple[str, ...] | None = None,
-              threads: int | None = None, log=print) -> list[BenchRow]:
+              threads: int | None = None, weights: str | None = None,
+              log=print) -> list[BenchRow]:
     dev = resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
     if precisions is None:
         precisions = ("fp32", "bf16")
+    for p in precisions:
+        if p not in ("fp32", "bf16", "fp16"):
+            raise UsageError(f"--precision takes fp32, bf16 or fp16, got {p!r}")
+        if p == "fp16" and dev.type != "cuda":
+            raise UsageError("--precision fp16 needs --device cuda")
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch sizes must be >= 1, got {batches}")
+    if seconds <= 0:
+        raise UsageError(f"--seconds must be > 0, got {seconds}")
     rng = np.random.default_rng(0)
     rows: list[BenchRow] = []
     for name in encoders:
-        for label, c in contenders(name, dev, batches, precisions).items():
+        for label, c in contenders(name, dev, batches, precisions, weights).items():
             for b in c.batches:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
@@ -233,9 +248,46 @@ def environment() -> dict:
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d")}
+            "cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+            "date": time.strftime("%Y-%m-%d"),
+            "note": "weights random-initialised unless a row's `weights` says real; "
+                    "CUDA targets not measured on a CPU-only machine"}
 
 
 def to_json(rows: list[BenchRow]) -> str:
     return json.dumps({"environment": environment(), "rows": [asdict(r) for r in rows],
                        "speedup": speedups(rows)}, indent=2)
+
+
+def daemon_bench(encoder: str, *, candidates: tuple[int, ...] | None, seconds: float,
+                 time_scale: float, budget_s: float, weights: str | None = None,
+                 device: str = "cpu", threads: int | None = None, log=print) -> dict:
+    """`harken bench --daemon`: build a small artifact for `encoder`, then search the largest
+    number of simulated real-time sources the whole daemon scores without drops."""
+    import tempfile
+    from pathlib import Path
+
+    from train.daemon_bench import build_bench_model, search_sources
+
+    if encoder not in ("mel", "efficientat"):
+        raise UsageError(f"--daemon benchmarks mel or efficientat, got {encoder!r}")
+    if encoder == "efficientat":
+        from monitor.weights import locate
+
+        try:
+            path = locate("efficientat", weights)
+        except UsageError as exc:
+            if weights:  # an explicit path that is wrong is a mistake, not a skip
+                raise
+            log(f"daemon bench for efficientat skipped: {exc}")
+            return {"encoder": encoder, "skipped": str(exc)}
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: efficientat weights must be a file")
+    with tempfile.TemporaryDirectory(prefix="harken-bench-model-") as tmp:
+        log(f"building a small {encoder} model from synthetic clips ...")
+        model = build_bench_model(encoder, Path(tmp), weights=weights, device=device)
+        result = search_sources(model, candidates=candidates, seconds=seconds,
+                                time_scale=time_scale, budget_s=budget_s, device=device,
+                                threads=threads, log=log)
+    return {"encoder": encoder, "device": device, "threads": torch.get_num_threads(),
+            **result, "environment": environment()}

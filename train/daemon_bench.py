@@ -1,9 +1,13 @@
 """Daemon throughput: how many real-time folder sources one machine scores without drops, and
-the window-end-to-score latency. `harken bench --daemon` can call `run_daemon_bench`.
+the window-end-to-score latency. `harken bench --daemon` calls `search_sources`.
 
 Sources replay synthetic 10-s clips with `speed: realtime` and a 10-s hop; `time_scale`
 replays them that many times faster than real time so a short run covers many windows (the
 figures then stand for `n_sources * time_scale` real-time sources' load).
+
+A run "sustains" its load when no window is dropped and the p95 window-end-to-score latency
+stays under the scaled hop (`hop_s / time_scale`): a worker slower than that only hides its
+backlog in the queue during a short run.
 """
 
 from __future__ import annotations
@@ -72,6 +76,84 @@ def run_daemon_bench(model: str | Path, n_sources: int, seconds: float, *, time_
                 "latency_ms_p50": percentile(w.latency_ms, 50),
                 "latency_ms_p95": percentile(w.latency_ms, 95),
                 "batch_ms_p50": percentile(w.batch_ms, 50), "batch_ms_p95": percentile(w.batch_ms, 95)}
+
+
+def sustained(result: dict) -> bool:
+    """No drops, everything produced was scored, and the worker kept pace with the scaled hop."""
+    return (result["windows_dropped"] == 0 and result["windows_produced"] > 0
+            and result["windows_scored"] >= result["windows_produced"]
+            and result["latency_ms_p95"] is not None
+            and result["latency_ms_p95"] <= 1000.0 * result["hop_s"] / result["time_scale"])
+
+
+def build_bench_model(encoder: str, out: Path, weights: str | None = None,
+                      device: str = "cpu") -> Path:
+    """A small artifact trained on a few synthetic clips (knn scorer: no training loop).
+    Scores are not the point; the daemon only needs something real to load and run."""
+    from train.config import TrainConfig
+    from train.fit import fit_model
+    from train.synth import write_dataset
+
+    data = out / "data"
+    write_dataset(data, ids=(0,), n_train=6, n_test_normal=1, n_test_anomaly=1, seed=0,
+                  progress=False)
+    cfg = TrainConfig(encoder=encoder, scorers=("knn",), weights=weights,
+                      embedding_cache="off").validate()
+    fit_model(data, out / "model", cfg, device=device, progress=False)
+    return out / "model"
+
+
+def search_sources(model: str | Path, *, candidates: tuple[int, ...] | None = None,
+                   seconds: float = 10.0, time_scale: float = 10.0, hop_s: float = 10.0,
+                   budget_s: float = 300.0, max_sources: int = 256, device: str = "cpu",
+                   threads: int | None = None, log=print) -> dict:
+    """The largest N that `sustained` holds for: the given candidates, or doubling from 1 until
+    it fails and then bisecting, stopping early when the time budget is spent."""
+    runs: dict[int, dict] = {}
+    t_end = time.monotonic() + budget_s
+
+    def trial(n: int) -> bool:
+        r = run_daemon_bench(model, n, seconds, time_scale=time_scale, hop_s=hop_s,
+                             device=device, threads=threads)
+        r["sustained"] = sustained(r)
+        runs[n] = r
+        log(f"  daemon {n:4d} sources x time_scale {time_scale:g} "
+            f"(= {r['equivalent_realtime_sources']:g} real-time): produced {r['windows_produced']}, "
+            f"dropped {r['windows_dropped']}, latency p50 {r['latency_ms_p50']} ms "
+            f"p95 {r['latency_ms_p95']} ms -> {'ok' if r['sustained'] else 'NOT sustained'}")
+        return r["sustained"]
+
+    def budget_left() -> bool:
+        return time.monotonic() < t_end
+
+    if candidates:
+        for n in sorted(candidates):
+            if not budget_left():
+                break
+            trial(n)
+    else:
+        good, bad, n = 0, None, 1
+        while budget_left() and n <= max_sources:
+            if trial(n):
+                good, n = n, n * 2
+            else:
+                bad = n
+                break
+        while bad is not None and bad - good > 1 and budget_left():
+            mid = (good + bad) // 2
+            if trial(mid):
+                good = mid
+            else:
+                bad = mid
+    ok = [n for n, r in runs.items() if r["sustained"]]
+    best = max(ok) if ok else 0
+    at = runs.get(best)
+    return {"max_sources": best, "time_scale": time_scale, "hop_s": hop_s,
+            "max_equivalent_realtime_sources": best * time_scale,
+            "latency_ms_p50": at["latency_ms_p50"] if at else None,
+            "latency_ms_p95": at["latency_ms_p95"] if at else None,
+            "budget_exhausted": not budget_left(),
+            "runs": [runs[n] for n in sorted(runs)]}
 
 
 def main() -> None:
