@@ -28,8 +28,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a precision name (None: plain fp32).
 
-    bf16 autocast works on CPU and CUDA; on a 2-core CPU it measured slower than fp32 for
-    efficientat (see `harken bench`), so fp32 stays the default everywhere. fp16 is CUDA only.
+    bf16 autocast works on CPU and CUDA. On the CPU it wins only where matrix units do the work
+    (AST on a CPU with AMX: about 3x); for efficientat's small convolutions it measured slower
+    than fp32 (`harken bench`), so fp32 stays the default. fp16 is CUDA only.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

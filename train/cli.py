@@ -177,7 +177,16 @@ def cmd_bench(args) -> int:
         print(f"{name}: harken {s['best_windows_per_s']:.1f} windows/s ({s['best']}) vs reference "
               f"{s['reference_windows_per_s']:.1f} windows/s: {s['speedup']:.2f}x "
               f"(reference/harken time per window b/a = {s['reference_over_harken_time']:.2f})")
-    print(f"peak RSS {max(r.peak_rss_mb for r in rows):.0f} MB")
+    import os
+
+    import torch
+
+    load = os.getloadavg()[0]
+    print(f"peak RSS {max(r.peak_rss_mb for r in rows):.0f} MB; {torch.get_num_threads()} torch "
+          f"threads, load average {load:.1f} on {os.cpu_count()} CPUs")
+    if torch.get_num_threads() > 1 and load > (os.cpu_count() or 1):
+        # Spinning intra-op threads on an oversubscribed machine cost up to 10x here.
+        print("the machine is busy: compare with --threads 1 (and `threads: 1` in the daemon)")
     return 0
 
 
