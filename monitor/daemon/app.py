@@ -13,6 +13,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class Daemon:
         self.worker: InferenceWorker | None = None
         self.metrics: DaemonMetrics | None = None
         self.evidence: EvidenceStore | None = None
-        self.events: list[AlarmEvent] = []
+        self.events: deque[AlarmEvent] = deque(maxlen=1000)  # recent ones, for tests; bounded
         self.scored_by_source: dict[str, int] = {}
         self._source_states: dict[str, str] = {}
         self._started_mono = time.monotonic()

@@ -110,6 +110,7 @@ class FolderSource:
                         break
                     self._play(path, log)
                     self._done.add(path)
+                    self._sizes.pop(path, None)
                 if not self.config.watch or self._stop.is_set():
                     break
                 if self._wait(self.config.poll_s):

@@ -3,7 +3,6 @@ that go away and come back, bad audio, sensor faults, bad models, and what must 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
