@@ -65,7 +65,7 @@ def cmd_evaluate(args) -> int:
     from train.evaluate import evaluate
 
     m = evaluate(args.model, args.data, device=args.device, report=args.report,
-                 progress=_progress(args))
+                 progress=_progress(args), precision=args.precision)
     if args.json:
         print(json.dumps(m))
         return 0
@@ -94,7 +94,7 @@ def cmd_replay(args) -> int:
 
     if args.hop_s is not None and args.hop_s <= 0:
         raise UsageError(f"--hop-s must be > 0, got {args.hop_s}")
-    detector = Detector.load(args.model, device=args.device)
+    detector = Detector.load(args.model, device=args.device, precision=args.precision)
     if args.out and args.out != "-":
         with open(args.out, "w") as f:
             summary = replay(detector, Path(args.dir), f, hop_s=args.hop_s, progress=_progress(args))
@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     e.add_argument("--report", default=None, help="directory for scores.csv, roc.png, histogram.png")
     e.add_argument("--device", default="auto")
+    e.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA): autocast")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hop-s", type=float, default=None, help="window hop in seconds (default 10)")
     r.add_argument("--out", default=None, help="JSONL file (default stdout)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA): autocast")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_replay)
 

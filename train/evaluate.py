@@ -125,8 +125,8 @@ def write_report(out_dir: str | Path, rows: list[dict], metrics: dict, threshold
 
 
 def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", report: str | None = None,
-             progress: bool = True) -> dict:
-    detector = Detector.load(model, device=device)
+             progress: bool = True, precision: str = "fp32") -> dict:
+    detector = Detector.load(model, device=device, precision=precision)
     rows, skips = score_test_set(detector, data, progress=progress)
     metrics = compute_metrics(rows, detector.threshold)
     metrics["model"] = detector.name

@@ -118,7 +118,8 @@ class Daemon:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
             for path in dict.fromkeys(s.model for s in self.config.sources):
-                self.detectors[path] = Detector.load(path, device=self.config.device)
+                self.detectors[path] = Detector.load(path, device=self.config.device,
+                                                      precision=self.config.precision)
                 self.log.info("model_loaded", model=path, name=self.detectors[path].name)
         overrides = {}
         for s in self.config.sources:

@@ -29,6 +29,7 @@ def default_node() -> str:
     short = socket.gethostname().split(".")[0]
     return re.sub(r"[^A-Za-z0-9_-]", "-", short) or "harken"
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class DaemonConfig:
     sources: tuple[SourceConfig, ...]
     node: str = field(default_factory=lambda: default_node())
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast for the networks
     threads: int | None = None  # torch CPU threads; None: torch's default
     state_dir: str = "/var/lib/harken"  # evidence, outbox; $STATE_DIRECTORY overrides the default
     mqtt: MqttConfig | None = None
@@ -262,6 +264,8 @@ def validate(cfg: DaemonConfig) -> list[str]:
     check(bool(SOURCE_ID.match(cfg.node)), "node",
           f"must use only letters, digits, '_' and '-' (it is part of MQTT topics), got {cfg.node!r}")
     check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    check(cfg.precision in PRECISIONS, "precision",
+          f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     check(cfg.threads is None or cfg.threads >= 1, "threads", f"must be >= 1, got {cfg.threads}")
     check(cfg.queue_max_windows >= 1, "queue_max_windows", f"must be >= 1, got {cfg.queue_max_windows}")
     check(cfg.batch_max >= 1, "batch_max", f"must be >= 1, got {cfg.batch_max}")

@@ -162,3 +162,21 @@ def test_mqtt_password_sources_in_order(tmp_path, monkeypatch):
     # the YAML has no place for a password
     assert problems_of({"sources": [folder_source(tmp_path)], "mqtt": {"password": "x"}})[0].startswith(
         "mqtt.password: unknown key")
+
+
+def test_precision_is_checked_and_reaches_the_detectors(tmp_path, tiny_model):
+    assert problems_of({"precision": "fp8", "sources": [folder_source(tmp_path)]}) == [
+        "precision: must be one of fp32, bf16, fp16, got 'fp8'"]
+    cfg, problems = config_problems({"precision": "bf16", "sources": [
+        folder_source(tmp_path, model=str(tiny_model))]})
+    assert problems == [] and cfg.precision == "bf16"
+
+
+def test_replay_and_evaluate_take_a_precision(tmp_path, tiny_model, tone_data):
+    out = tmp_path / "bf16.jsonl"
+    r = harken("replay", "--model", str(tiny_model), "--precision", "bf16", "--out", str(out),
+               str(tone_data / "test"))
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 16
+    bad = harken("evaluate", "--model", str(tiny_model), "--data", str(tone_data), "--precision", "fp8")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
