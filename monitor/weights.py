@@ -14,14 +14,17 @@ artifact, so a model never runs on weights other than those it was trained with.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
+import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from monitor.artifact import sha256_file
 from monitor.errors import HarkenError, UsageError
 
 
@@ -86,11 +89,36 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preferred first
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(path))
+
+
+def read_torch_checkpoint(path: Path, what: str) -> object:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never pickled code.
+    Anything unreadable is one UsageError naming the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError, io.UnsupportedOperation) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{path}: not a readable {what} checkpoint ({reason[:200]})") from None
+
+
+def load_strict(net, state: dict, path: Path, what: str) -> None:
+    """`load_state_dict(strict=True)` with the first mismatch of each kind named in one line,
+    instead of torch's multi-line report."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
+               ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []) + \
+               ([f"{len(wrong)} wrong shapes (e.g. {wrong[0]})"] if wrong else [])
+    if problems:
+        raise UsageError(f"{path}: not {what} weights: {'; '.join(problems)}")
+    net.load_state_dict(state, strict=True)
 
 
 def hf_weights_file(directory: Path) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

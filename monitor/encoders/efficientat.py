@@ -12,10 +12,7 @@ trained at, on the model's device, for the whole batch at once.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import pickle
-import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,7 +25,7 @@ from monitor.audio import SAMPLE_RATE_HZ
 from monitor.encoders.base import Embedding
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import KNOWN, locate
+from monitor.weights import KNOWN, file_sha256, load_strict, locate, read_torch_checkpoint
 
 MODEL_RATE_HZ = 32_000
 WIDTH_MULT = 0.4
@@ -268,22 +265,9 @@ class EfficientATEncoder(nn.Module):
                 "embedding": self.embedding}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state_dict from a torch checkpoint, without executing any pickled code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            OSError, io.UnsupportedOperation) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{path}: not a readable EfficientAT checkpoint ({reason[:200]})") from None
+    state = read_torch_checkpoint(path, "EfficientAT")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path}: not an EfficientAT state_dict (expected a dict of tensors)")
     return state
@@ -291,17 +275,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights_into(net: EfficientATNet, state: dict[str, torch.Tensor], path: Path) -> None:
     """strict load, with the first mismatch named instead of torch's multi-line report."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
-               ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []) + \
-               ([f"{len(wrong)} wrong shapes (e.g. {wrong[0]})"] if wrong else [])
-    if problems:
-        raise UsageError(f"{path}: not EfficientAT mn04 weights: {'; '.join(problems)}")
-    net.load_state_dict(state, strict=True)
+    load_strict(net, state, path, "EfficientAT mn04")
 
 
 def load_efficientat(weights: str | Path | None = None, device: str | torch.device = "cpu",

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import io
-import pickle
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import torch
@@ -32,7 +29,8 @@ from monitor.audio import SAMPLE_RATE_HZ
 from monitor.encoders.base import Embedding
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import check_pinned_sha256, file_sha256, locate
+from monitor.weights import (check_pinned_sha256, file_sha256, load_strict, locate,
+                             read_torch_checkpoint)
 
 _PRIVATE_PACKAGE = "_harken_panns_inference"
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
@@ -128,12 +126,7 @@ def shapes_from_state(state: dict[str, torch.Tensor], path: Path) -> dict:
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The state_dict of a PANNs checkpoint, loaded with weights_only=True (no pickled code)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            OSError, io.UnsupportedOperation) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"{path}: not a readable PANNs checkpoint ({reason[:200]})") from None
+    ckpt = read_torch_checkpoint(path, "PANNs")
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path}: not a PANNs checkpoint (expected {{'model': state_dict}})")
@@ -177,17 +170,7 @@ def build_panns(spec: dict, device: torch.device) -> PannsEncoder:
     check_pinned_sha256("panns", path, digest, spec.get("weights_sha256"))
     state = read_checkpoint(path)
     net = Cnn14Net(**shapes_from_state(state, path))
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    problems = ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
-               ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []) + \
-               ([f"{len(wrong)} wrong shapes (e.g. {wrong[0]})"] if wrong else [])
-    if problems:
-        raise UsageError(f"{path}: not CNN14 weights: {'; '.join(problems)}")
-    net.load_state_dict(state, strict=True)
+    load_strict(net, state, path, "CNN14")
     enc = PannsEncoder(net, str(spec["weights"]) if spec.get("weights") else None, digest)
     get_logger(stage="encoder").info("encoder_loaded", encoder="panns", path=str(path),
                                      rate_hz=net.sample_rate_hz, device=str(device))

@@ -3,7 +3,6 @@ clips, hostile payloads, configuration checks."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import threading
 import time
