@@ -100,6 +100,8 @@ class Detector:
             )
         try:
             encoder = build_encoder(m["encoder"], dev)
+            if m["encoder"].get("fine_tuned"):
+                load_tuned_encoder(encoder, art.tensors)  # errors get `where` below
             std = Standardizer(art.tensors["standardizer.mean"], art.tensors["standardizer.std"])
             scorers: dict[str, Scorer] = {}
             for cfg in m["scorers"]:
@@ -195,6 +197,27 @@ class Detector:
         if self.manifest["encoder"]["name"] in ("mel", "conv"):
             return err.reshape(128, -1).cpu().numpy()
         return None
+
+
+def load_tuned_encoder(encoder: Encoder, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the pretrained parameters with the artifact's `encoder.<name>` tensors (written by
+    `harken train --fine-tune`); every parameter must be there with its shape, and nothing else."""
+    own = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    params = dict(encoder.named_parameters()) if isinstance(encoder, torch.nn.Module) else {}
+    missing = sorted(set(params) - set(own))
+    extra = sorted(set(own) - set(params))
+    if missing or extra or not params:
+        what = (f"{len(missing)} missing (first {missing[0]!r})" if missing else
+                f"{len(extra)} unexpected (first {extra[0]!r})" if extra else "none stored")
+        raise ArtifactError(f"fine-tuned {getattr(encoder, 'name', 'encoder')} weights do "
+                            f"not match the encoder: {what}")
+    for k, p in params.items():
+        if own[k].shape != p.shape:
+            raise ArtifactError(f"fine-tuned encoder tensor {k!r} has shape "
+                                f"{tuple(own[k].shape)}, the encoder expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(own[k].to(p.dtype))
 
 
 def encode(encoder: Encoder, waves: torch.Tensor, *, with_map: bool,

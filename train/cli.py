@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
     cfg = load_train_config(args.config, encoder=args.encoder, decoder=args.decoder,
                             scorers=args.scorer, weights=args.weights, seed=args.seed,
                             embedding=args.embedding,
-                            max_epochs=args.max_epochs)
+                            max_epochs=args.max_epochs, fine_tune=args.fine_tune or None)
     result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--max-epochs", type=int, default=None)
+    t.add_argument("--fine-tune", action="store_true",
+                   help="also train the encoder, end to end with --decoder cnn and the recon "
+                        "scorer (pretrained encoders only; encoder LR: fine_tune_lr in --config)")
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -38,6 +38,10 @@ class TrainConfig:
     embed_batch_size: int = 16
     embedding_cache: str = "auto"  # auto: on for pretrained encoders, off for the cheap mel image
     seed: int = 0
+    fine_tune: bool = False  # train the encoder with the cnn decoder, end to end on waves
+    fine_tune_lr: float = 1e-5  # the encoder's learning rate; the decoder keeps learning_rate
+    fine_tune_epochs: int | None = None  # default max_epochs; early stopping as for the decoder
+    fine_tune_batch_size: int = 8  # windows per step: backprop through the encoder needs memory
     extra: dict = field(default_factory=dict, compare=False)
 
     def validate(self) -> TrainConfig:
@@ -59,6 +63,12 @@ class TrainConfig:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.fine_tune_lr <= 0:
+            bad("fine_tune_lr", f"must be > 0, got {self.fine_tune_lr}")
+        if self.fine_tune_epochs is not None and self.fine_tune_epochs < 1:
+            bad("fine_tune_epochs", f"must be >= 1, got {self.fine_tune_epochs}")
+        if self.fine_tune_batch_size < 2:
+            bad("fine_tune_batch_size", f"must be >= 2 (the decoder has BatchNorm), got {self.fine_tune_batch_size}")
         if not self.scorers:
             bad("scorers", "at least one scorer is needed (recon, knn, mahalanobis)")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from monitor.scorers import (
 from train.cache import EmbeddingCache, default_cache_dir
 from train.config import TrainConfig
 from train.data import data_fingerprint, embed_clips, normal_training_clips, split_held_out
+from train.finetune import (check_fine_tune_config, fine_tune_encoder, load_window_waves, re_embed,
+                            tuned_encoder_tensors)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,15 @@ class EpochLog:
     train_loss: float
     val_loss: float
     lr: float
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and bytes: tells tuned weights apart in the spec (and any cache key)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +151,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     for name in cfg.scorers:
         if name not in SCORERS:
             raise UsageError(f"unknown scorer {name!r}; available: {', '.join(SCORERS)}")
+    check_fine_tune_config(cfg)
     root = split_dir(data, "train")
     clips = normal_training_clips(root)
     t0 = time.monotonic()
@@ -174,6 +187,17 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
             scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
         elif name == "mahalanobis":
             scorers[name] = MahalanobisScorer.fit(f_tr.vector, ids_tr)
+    tuned = None
+    if cfg.fine_tune:  # phase 2: encoder + the warmed-up decoder, end to end on waves
+        waves = load_window_waves(embedded.clips, WINDOW_S, cfg.hop_s)
+        tuned = fine_tune_encoder(encoder, scorers["recon"], waves[tr], f_tr.image, waves[ho],
+                                  f_ho.image, cfg, dev, progress)
+        # Re-embed with the tuned encoder so the standardiser and held-out scores match it.
+        vectors, maps = re_embed(encoder, waves, dev, cfg.fine_tune_batch_size)
+        del waves
+        std = Standardizer.fit(vectors[tr])
+        f_tr = Features(std(vectors[tr]), maps[tr], f_tr.image)
+        f_ho = Features(std(vectors[ho]), maps[ho], f_ho.image)
     fit_s = time.monotonic() - t1
 
     with torch.inference_mode():
@@ -184,6 +208,11 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     threshold = calibrate_threshold(held_scores, cfg.threshold_method, cfg.threshold_quantile)
 
     tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}
+    spec = encoder.spec()
+    if tuned is not None:
+        encoder_tensors = tuned_encoder_tensors(encoder)
+        tensors.update(encoder_tensors)
+        spec = {**spec, "fine_tuned": True, "tuned_sha256": tensors_digest(encoder_tensors)}
     for n, s in scorers.items():
         tensors.update({f"scorer.{n}.{k}": v for k, v in s.state_tensors().items()})
     per_id: dict[str, int] = {}
@@ -198,7 +227,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
             (cfg.decoder if n == "recon" else n) for n in cfg.scorers),
         "sample_rate_hz": SAMPLE_RATE_HZ,
         "window_s": WINDOW_S,
-        "encoder": encoder.spec(),
+        "encoder": spec,
         "scorers": [s.config() for s in scorers.values()],
         "fusion": fusion.to_json(),
         "normalisation": {"kind": "per-dimension z-score", "dim": int(std.mean.shape[0]),
@@ -217,6 +246,11 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
             "best_epoch": best.epoch if best else None,
             "best_val_loss": best.val_loss if best else None,
             "decoder_parameters": int(n_params),
+            "fine_tune": None if tuned is None else {
+                "encoder_lr": cfg.fine_tune_lr, "epochs": len(tuned.history),
+                "best_epoch": tuned.best_epoch, "val_loss_before": tuned.val_loss_before,
+                "val_loss_after": tuned.val_loss_after,
+                "history": [e.__dict__ for e in tuned.history]},
             "embed_seconds": round(embed_s, 3),
             "fit_seconds": round(fit_s, 3),
             "device": str(dev),
@@ -229,4 +263,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
              epochs=len(history))
     return {"model": str(path), "threshold": threshold["value"], "epochs": len(history),
             "history": [e.__dict__ for e in history], "n_windows": int(embedded.embeddings.shape[0]),
-            "embed_seconds": embed_s, "fit_seconds": fit_s, "parameters": int(n_params)}
+            "embed_seconds": embed_s, "fit_seconds": fit_s, "parameters": int(n_params),
+            "fine_tune": None if tuned is None else {
+                "epochs": len(tuned.history), "best_epoch": tuned.best_epoch,
+                "val_loss_before": tuned.val_loss_before, "val_loss_after": tuned.val_loss_after}}
