@@ -196,6 +196,9 @@ def fine_tune_encoder(encoder: Encoder, scorer: ReconScorer, waves_train: torch.
     model.load_state_dict(best_state[1])
     model.eval()
     encoder.eval()
+    if best_epoch == 0:
+        log.warning("fine_tune_no_gain", epochs=len(history), val_loss=round(before, 6),
+                    hint="no epoch beat the frozen encoder; try a larger fine_tune_lr or more epochs")
     log.info("fine_tune_done", epochs=len(history), best_epoch=best_epoch,
              val_loss_before=round(before, 6), val_loss_after=round(best, 6))
     return FineTuneResult(history, before, best if math.isfinite(best) else before, best_epoch)
