@@ -58,6 +58,11 @@ def cmd_train(args) -> int:
     else:
         print(f"model saved to {result['model']}: {result['n_windows']} windows, "
               f"{result['epochs']} epochs, threshold {result['threshold']:.6g}")
+        if result.get("fine_tune"):
+            ft = result["fine_tune"]
+            print(f"fine-tuned encoder: held-out loss {ft['val_loss_before']:.6g} -> "
+                  f"{ft['val_loss_after']:.6g} (best epoch {ft['best_epoch']} of {ft['epochs']}; 0: the frozen "
+                  f"encoder was kept)")
     return 0
 
 

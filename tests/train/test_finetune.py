@@ -1,7 +1,6 @@
 """`harken train --fine-tune`: the real EfficientAT weights tuned end to end with the cnn decoder."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
