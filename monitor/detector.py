@@ -69,6 +69,10 @@ class Detector:
         self.scorers = scorers
         self.fusion = fusion
         self.threshold = float(threshold)
+        # Per machine ID thresholds (manifest threshold.per_id, keys "00", "01", ...): one
+        # machine's normal scores can sit well above or below another's.
+        self.thresholds_per_id = {int(k): float(v) for k, v in
+                                  manifest.get("threshold", {}).get("per_id", {}).items()}
         self.manifest = manifest
         self.device = device
         self.sample_rate_hz = int(manifest.get("sample_rate_hz", SAMPLE_RATE_HZ))
@@ -123,6 +127,12 @@ class Detector:
         fusion = Fusion.from_json(m.get("fusion", {"method": "mean", "stats": {}}))
         return cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev,
                    precision=precision, compile=compile)
+
+    def threshold_for(self, machine_id: int | None) -> float:
+        """The machine ID's own threshold when training saw that ID, else the pooled one."""
+        if machine_id is None:
+            return self.threshold
+        return self.thresholds_per_id.get(int(machine_id), self.threshold)
 
     # ------------------------------------------------------------------ scoring
 

@@ -89,7 +89,8 @@ def score_files(detector: Detector, files: list[Path], *, hop_s: float | None = 
                                         [i.machine_id for i in infos])
         for (p, t, _), info, s in zip(batch, infos, scores):
             yield WindowScore(str(p), info.machine_id, info.label, round(t, 3), float(s),
-                              detector.threshold, bool(s > detector.threshold))
+                              detector.threshold_for(info.machine_id),
+                              bool(s > detector.threshold_for(info.machine_id)))
         batch.clear()
 
     for path, start_s, win in iter_windows(files, hop_s, detector.window_s, skips):

@@ -38,7 +38,10 @@ def score_test_set(detector: Detector, data: str | Path, *, batch_size: int = 16
     return [r for r in rows if r["label"] in (NORMAL, ANOMALY)], skips
 
 
-def compute_metrics(rows: list[dict], threshold: float | None = None) -> dict:
+def compute_metrics(rows: list[dict], threshold: float | None = None,
+                    row_thresholds: np.ndarray | None = None) -> dict:
+    """AUC/pAUC pooled and per machine ID; with a threshold (or one per row, for per-ID
+    thresholds) also the TPR/FPR the detector's decisions give."""
     if not rows:
         raise UsageError("no labelled clips to evaluate (names must say normal_/anomaly_ or "
                          "sit in normal/ and abnormal/ folders)")
@@ -67,7 +70,7 @@ def compute_metrics(rows: list[dict], threshold: float | None = None) -> dict:
         "max_fpr": MAX_FPR,
     }
     if threshold is not None:
-        pred = s > threshold
+        pred = s > (row_thresholds if row_thresholds is not None else threshold)
         out["threshold"] = threshold
         out["tpr_at_threshold"] = float(pred[y].mean())
         out["fpr_at_threshold"] = float(pred[~y].mean())
@@ -86,10 +89,12 @@ def write_report(out_dir: str | Path, rows: list[dict], metrics: dict, threshold
     out.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out / "scores.csv", "roc": out / "roc.png", "histogram": out / "histogram.png"}
     with open(paths["scores"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "machine_id", "label", "score", "anomaly"])
+        w = csv.DictWriter(f, fieldnames=["file", "machine_id", "label", "score", "threshold",
+                                          "anomaly"])
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "anomaly": r["score"] > threshold})
+            t = r.get("threshold", threshold)
+            w.writerow({**r, "threshold": t, "anomaly": r["score"] > t})
 
     y = np.array([r["label"] == ANOMALY for r in rows])
     s = np.array([r["score"] for r in rows])
@@ -128,7 +133,12 @@ def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", repor
              progress: bool = True, precision: str = "fp32") -> dict:
     detector = Detector.load(model, device=device, precision=precision)
     rows, skips = score_test_set(detector, data, progress=progress)
-    metrics = compute_metrics(rows, detector.threshold)
+    for r in rows:
+        r["threshold"] = detector.threshold_for(r["machine_id"])
+    per_row = np.array([r["threshold"] for r in rows])
+    metrics = compute_metrics(rows, detector.threshold, per_row)
+    if detector.thresholds_per_id:
+        metrics["thresholds_per_id"] = {f"{k:02d}": v for k, v in detector.thresholds_per_id.items()}
     metrics["model"] = detector.name
     metrics["skipped_files"] = skips.total
     if report:

@@ -135,6 +135,22 @@ def calibrate_threshold(scores: np.ndarray, method: str, quantile: float) -> dic
     return {"value": value, "method": used, "quantile": quantile}
 
 
+MIN_HELD_OUT_FOR_ID_THRESHOLD = 3
+
+
+def per_id_thresholds(held_scores: np.ndarray, machine_ids, cfg: TrainConfig) -> dict[str, float]:
+    """A threshold per machine ID from that ID's held-out normal scores (same method), for IDs
+    with at least MIN_HELD_OUT_FOR_ID_THRESHOLD held-out windows; the others use the pooled one."""
+    out: dict[str, float] = {}
+    ids = np.array([-1 if m is None else m for m in machine_ids])
+    for mid in sorted(set(ids.tolist()) - {-1}):
+        sel = held_scores[ids == mid]
+        if len(sel) >= MIN_HELD_OUT_FOR_ID_THRESHOLD:
+            out[f"{mid:02d}"] = calibrate_threshold(sel, cfg.threshold_method,
+                                                    cfg.threshold_quantile)["value"]
+    return out
+
+
 def score_summary(scores: np.ndarray) -> dict:
     s = np.asarray(scores, dtype=float)
     return {"n": int(len(s)), "mean": float(s.mean()), "std": float(s.std()),
@@ -206,6 +222,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
                                  for n, v in parts.items()})
     held_scores = fusion.combine(parts).numpy()
     threshold = calibrate_threshold(held_scores, cfg.threshold_method, cfg.threshold_quantile)
+    threshold["per_id"] = per_id_thresholds(held_scores, ids_ho, cfg)
 
     tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}
     spec = encoder.spec()

@@ -138,7 +138,7 @@ class InferenceWorker(threading.Thread):
         now = time.time()
         for win, s in zip(windows, scores):
             self.latency_ms.append((done - win.ready_mono_s) * 1000.0)
-            threshold = self.threshold_overrides.get(win.source, det.threshold)
+            threshold = self.threshold_overrides.get(win.source, det.threshold_for(win.machine_id))
             self.scored += 1
             self.on_scored(ScoredWindow(win, key, float(s), float(threshold), det.name, now, done))
             self.heartbeat_mono_s = time.monotonic()

@@ -187,3 +187,32 @@ def test_unet_shape_follows_the_seed():
     net = UNetAutoencoder([768, 1024, 512, 128])
     linears = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == [(768, 1024), (1024, 512), (512, 128), (128, 512), (1024, 1024), (2048, 768)]
+
+
+def test_thresholds_per_machine_id_reach_replay_and_evaluate(tmp_path):
+    """Each machine ID with enough held-out windows gets its own threshold; replay, evaluate
+    and the daemon's scorer use it for that ID's windows."""
+    import json
+
+    from monitor.detector import Detector
+    from monitor.replay import score_files
+    from monitor.labels import find_audio
+    from tests.helpers import write_tone_dataset
+    from train.config import load_train_config
+    from train.evaluate import evaluate
+    from train.fit import fit_model
+
+    data = write_tone_dataset(tmp_path / "data", ids=(0, 3), n_train=30, n_test=3, seed=5)
+    cfg = load_train_config(None, scorers="knn", threshold_method="quantile", seed=1)
+    fit_model(data, tmp_path / "m", cfg, device="cpu", progress=False)
+    thr = json.loads((tmp_path / "m" / "manifest.json").read_text())["threshold"]
+    assert set(thr["per_id"]) == {"00", "03"}
+    det = Detector.load(tmp_path / "m", device="cpu")
+    assert det.threshold_for(0) == thr["per_id"]["00"] and det.threshold_for(3) == thr["per_id"]["03"]
+    assert det.threshold_for(None) == det.threshold_for(7) == thr["value"]
+    assert thr["per_id"]["00"] != thr["per_id"]["03"]
+    for ws in score_files(det, find_audio(data / "test")):
+        assert ws.threshold == det.threshold_for(ws.machine_id)
+        assert ws.anomaly == (ws.score > ws.threshold)
+    m = evaluate(tmp_path / "m", data, device="cpu", progress=False)
+    assert m["thresholds_per_id"] == thr["per_id"]

@@ -14,9 +14,13 @@ class SlowDetector:
     name = "slow"
     threshold = 0.5
 
-    def __init__(self, seconds_per_batch=0.0):
+    def __init__(self, seconds_per_batch=0.0, per_id=None):
         self.seconds = seconds_per_batch
         self.batches: list[int] = []
+        self.per_id = per_id or {}
+
+    def threshold_for(self, machine_id):
+        return self.per_id.get(machine_id, self.threshold)
 
     def score_windows(self, windows, machine_ids=None):
         self.batches.append(len(windows))
@@ -100,3 +104,17 @@ def test_a_failing_batch_is_counted_and_the_worker_goes_on():
     worker.stop_when_drained()
     worker.join(timeout=30)
     assert worker.failed == 1 and worker.scored == 1 and got[0].score == 1.0
+
+
+def test_each_window_gets_its_machine_ids_threshold_unless_the_source_overrides_it():
+    q = WindowQueue(10)
+    for source, mid in (("a", 0), ("b", 1), ("c", None), ("d", 1)):
+        q.put_nowait("m", Window(source, np.zeros(160, np.float32), 1000.0, 0.01, time.monotonic(),
+                                 machine_id=mid))
+    got = []
+    worker = InferenceWorker(q, {"m": SlowDetector(per_id={0: 0.1, 1: 0.9})}, on_scored=got.append,
+                             threshold_overrides={"d": 2.0})
+    worker.stop_when_drained()
+    worker.start()
+    worker.join(timeout=30)
+    assert {sw.window.source: sw.threshold for sw in got} == {"a": 0.1, "b": 0.9, "c": 0.5, "d": 2.0}

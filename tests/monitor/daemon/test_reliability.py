@@ -172,6 +172,9 @@ class FakeDetector:
     name = "fake"
     threshold = 1.0
 
+    def threshold_for(self, machine_id):
+        return self.threshold
+
     def score_windows(self, windows, machine_ids):
         return np.full(len(windows), 0.1, np.float32)
 
