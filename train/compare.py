@@ -55,6 +55,8 @@ def plan(encoders, decoders, scorers) -> list[tuple[System, str | None]]:
                 reason = None
                 if enc == "conv" and not (sc == "recon" and dec == "cnn"):
                     reason = "conv is the from-scratch CNN autoencoder: only with the cnn decoder"
+                elif enc == "mel" and sc == "recon" and dec == "cnn" and "conv" in encoders:
+                    reason = "the same network as conv+cnn (the cnn decoder's stem encodes the mel image)"
                 out.append((system, reason))
     return out
 
@@ -169,8 +171,12 @@ def write_tables(out: Path, rows: list[Row], seeds: int) -> None:
                      f"{r.parameters:,} |")
     skipped = [r for r in rows if r.skipped]
     if skipped:
+        # One line per reason: a missing encoder skips all of its pairs for the same reason.
+        by_reason: dict[str, list[str]] = {}
+        for r in skipped:
+            by_reason.setdefault(r.skipped, []).append(r.system.label)
         lines += ["", "Skipped:", ""]
-        lines += [f"- {r.system.label}: {r.skipped}" for r in skipped]
+        lines += [f"- {', '.join(labels)}: {reason}" for reason, labels in by_reason.items()]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
 
 
