@@ -162,6 +162,9 @@ class MqttPublisher:
         pending = len(self._outbox)
         if pending:
             self._log.warning("mqtt_outbox_not_drained", outbox_pending=pending)
+        # paho's loop thread may run once more after the socket closes and log "Client is not
+        # connected" at error level: noise on every clean stop, so its logger goes quiet here.
+        self._client.disable_logger()
         self._client.disconnect()
         self._client.loop_stop()
         if self._flusher is not None:

@@ -87,6 +87,7 @@ class MqttAudioSource:
 
     def stop(self) -> None:
         self._shutdown.set()
+        self._client.disable_logger()  # see MqttPublisher.stop: paho's shutdown race is noise
         self._client.disconnect()
         self._client.loop_stop()
         if self._worker is not None:
