@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -375,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harken: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `harken evaluate --json | head`: the reader left; not an error worth a traceback.
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception:  # unexpected: keep the traceback for the bug report
         get_logger().exception("unexpected_error", command=args.command)
         return 1

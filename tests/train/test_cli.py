@@ -1,6 +1,7 @@
 """The CLI driven as users drive it: subprocesses, real files, exit codes, one-line errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,17 @@ def test_argparse_usage_errors_exit_2():
     proc = harken("train")
     assert proc.returncode == 2 and "--data" in proc.stderr
     assert harken("--version").stdout.startswith("harken ")
+
+
+def test_a_closed_pipe_is_not_a_crash(tiny_model, tone_data):
+    """`harken replay ... | head`: the reader leaves early; no traceback, no error log."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "train.cli", "replay", "--model", str(tiny_model),
+                          str(tone_data / "test")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    p.stdout.close()  # the reader is gone before the first line is written: EPIPE for sure
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "unexpected_error" not in err, err
