@@ -258,7 +258,15 @@ class Daemon:
         live = [sid for sid, src in self.sources.items() if not src.finished]
         if not live:
             return True
-        return any(self._audio_age_s(sid, now) <= self.config.watchdog_dead_s for sid in live)
+        return any(self._idle_watched_folder(sid)
+                   or self._audio_age_s(sid, now) <= self.config.watchdog_dead_s for sid in live)
+
+    def _idle_watched_folder(self, sid: str) -> bool:
+        """A watched folder that is there but has no new file is waiting, not dead (a recorder
+        idle over a break or a night must not get the service restarted)."""
+        cfg = self.source_configs[sid]
+        return (cfg.kind == "folder" and cfg.watch
+                and self.sources[sid].status().get("state") != "stalled")
 
     def _audio_age_s(self, sid: str, now: float) -> float:
         last = self.sources[sid].status().get("last_audio_mono_s")
@@ -275,8 +283,8 @@ class Daemon:
                 state = "ended"
             elif final:
                 state = "stopped"
-            elif self._audio_age_s(sid, now) > max(3 * cfg.hop_s, self.config.stall_after_s) and not (
-                    cfg.kind == "folder" and cfg.watch):  # an idle watched folder is not broken
+            elif (self._audio_age_s(sid, now) > max(3 * cfg.hop_s, self.config.stall_after_s)
+                  and not (cfg.kind == "folder" and cfg.watch)):  # idle watched folder: waiting
                 state = "stalled"
             else:
                 state = "running" if own in ("running", "starting") else own
@@ -428,7 +436,9 @@ class Daemon:
             clip, image = self.evidence.save(
                 event.id, sw.window.samples, log_mel=log_mel, error_map=error_map,
                 title=f"{event.id}: score {sw.score:.4g} > {sw.threshold:.4g}")
-        except OSError as exc:  # a full disk must not stop monitoring
-            self.log.warning("evidence_failed", source=event.source, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - evidence is best effort; the alarm event is not
+            # A full disk (OSError), soundfile's LibsndfileError (a RuntimeError), a plotting
+            # error: the event must still go out, without the files.
+            self.log.exception("evidence_failed", source=event.source, error=str(exc))
             return event
         return dataclasses.replace(event, clip=clip, image=image)

@@ -334,27 +334,33 @@ def test_sources_stall_and_resume_without_a_restart(broker, tmp_path):
 
 
 def test_watchdog_starves_only_when_every_live_source_is_dead(tmp_path):
+    """An idle watched folder is waiting (a recorder on its night break), not dead; a vanished
+    one is dead. The watchdog starves only when no live source is healthy."""
     from monitor.daemon.app import Daemon
     from monitor.daemon.notify import SystemdNotifier
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    cfgs = tuple(SourceConfig(id=p.name, kind="folder", model="m", path=str(p), watch=True)
-                 for p in (a, b))
+    cfgs = tuple(SourceConfig(id=p.name, kind="folder", model="m", path=str(p), watch=True,
+                              poll_s=0.05) for p in (a, b))
     cfg = DaemonConfig(sources=cfgs, node="t", device="cpu", state_dir=str(tmp_path / "s"),
                        watchdog_dead_s=5.0)
     daemon = Daemon(cfg, publisher=Recorder(), detectors={"m": FakeDetector()},
                     notifier=SystemdNotifier({}))
     daemon.start()
     try:
-        now = time.monotonic()
-        daemon._started_mono = now - 60.0  # both silent for a minute...
-        daemon.rings["b"].last_audio_mono_s = None
-        daemon.sources["a"].last_audio_mono_s = now - 1.0  # ...but one just delivered audio
+        daemon._started_mono = time.monotonic() - 60.0  # both silent for a minute: idle, alive
         assert daemon.alive()
-        daemon.sources["a"].last_audio_mono_s = now - 6.0
+        shutil.rmtree(a)
+        wait_until(lambda: daemon.sources["a"].status()["state"] == "stalled", what="a missing")
+        assert daemon.alive()  # b is still there, waiting for files
+        shutil.rmtree(b)
+        wait_until(lambda: daemon.sources["b"].status()["state"] == "stalled", what="b missing")
         assert not daemon.alive()
+        b.mkdir()
+        wait_until(lambda: daemon.sources["b"].status()["state"] != "stalled", what="b back")
+        assert daemon.alive()
     finally:
         daemon.stop()
 
@@ -596,3 +602,33 @@ def test_password_never_logged_and_metrics_only_on_localhost(tiny_model, tmp_pat
     assert '"mqtt_connected"' in stderr and "Sending CONNECT" in stderr
     assert password not in stdout + stderr
     assert password not in (tmp_path / "state" / "outbox.sqlite").read_bytes().decode("latin-1")
+
+
+class LoudDetector(FakeDetector):
+    """Every window is anomalous; drawing the evidence fails like soundfile on a full disk."""
+
+    def score_windows(self, windows, machine_ids):
+        return np.full(len(windows), 5.0, np.float32)
+
+    def log_mel(self, window):
+        raise RuntimeError("Error writing file: No space left on device")
+
+
+def test_an_alarm_goes_out_even_when_its_evidence_cannot_be_saved(tmp_path):
+    from monitor.daemon.app import Daemon
+    from monitor.daemon.config import AlarmConfig
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in range(3):
+        sf.write(folder / f"{i:03d}.wav", tone_clip(np.random.default_rng(i), 0, False, seconds=1.0),
+                 RATE)
+    cfg = DaemonConfig(sources=(SourceConfig(id="s", kind="folder", model="m", path=str(folder)),),
+                       node="t", device="cpu", state_dir=str(tmp_path / "state"),
+                       alarm=AlarmConfig(k=1, n=1, hold_s=30))
+    pub = Recorder()
+    daemon = Daemon(cfg, publisher=pub, detectors={"m": LoudDetector()})
+    assert daemon.run() == 0
+    starts = [e for e in pub.events if e.type == "start"]
+    assert len(starts) == 1 and starts[0].clip is None and starts[0].image is None
+    assert daemon.worker.failed == 0 and len(pub.scores) == 3
