@@ -367,7 +367,12 @@ class Daemon:
         return on_block
 
     def _window_sink(self, sid: str):
-        model = self.source_configs[sid].model
+        cfg = self.source_configs[sid]
+        model = cfg.model
+        if cfg.kind == "folder" and cfg.speed == "max":
+            def on_window_replay(window: Window) -> None:  # not live: wait rather than drop
+                self.queue.put_wait(model, window, self.shutdown)
+            return on_window_replay
 
         def on_window(window: Window) -> None:
             self.queue.put_nowait(model, window)

@@ -1,10 +1,12 @@
 """The inference worker: one thread owns the models and scores batches of ready windows.
 
-Producers (ring buffers fed by capture callbacks, folder readers) never block: they
-`put_nowait` into one bounded `WindowQueue`, which drops the OLDEST window when full (a late
+Live producers (ring buffers fed by capture callbacks, MQTT feeds, folders paced in real time)
+never block: they `put_nowait` into one bounded `WindowQueue`, which drops the OLDEST window when
+full (a late
 score for old audio is worth less than a prompt one for new audio), counts it and warns at a
 limited rate. The worker takes up to `batch_max` windows at a time and runs those that share a
-model as one batch through `Detector.score_windows`, the same path as `harken replay`.
+model as one batch through `Detector.score_windows`, the same path as `harken replay`. A folder
+replayed at `speed: max` is not live: it waits for room (`put_wait`) and loses nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class WindowQueue:
                               hint="inference is slower than the audio arrives: fewer sources, "
                                    "a larger hop_s or a faster device")
 
+    def put_wait(self, model_key: str, window: Window, stop: threading.Event) -> None:
+        """For producers that can wait (a folder replayed as fast as possible): block while
+        the queue is full instead of dropping, so every window is scored, as `harken replay`
+        does. Once `stop` is set it behaves like put_nowait so shutdown never hangs."""
+        with self._cond:
+            while len(self._items) >= self.max_windows and not stop.is_set():
+                self._cond.wait(0.2)
+        self.put_nowait(model_key, window)
+
     def take_batch(self, batch_max: int, timeout_s: float) -> list[tuple[str, Window]]:
         """Up to batch_max windows, waiting at most timeout_s for the first one."""
         with self._cond:
@@ -61,6 +72,8 @@ class WindowQueue:
             out = []
             while self._items and len(out) < batch_max:
                 out.append(self._items.popleft())
+            if out:
+                self._cond.notify_all()  # room again for producers waiting in put_wait
             return out
 
     def __len__(self) -> int:

@@ -118,3 +118,21 @@ def test_each_window_gets_its_machine_ids_threshold_unless_the_source_overrides_
     worker.start()
     worker.join(timeout=30)
     assert {sw.window.source: sw.threshold for sw in got} == {"a": 0.1, "b": 0.9, "c": 0.5, "d": 2.0}
+
+
+def test_put_wait_blocks_while_full_and_loses_nothing():
+    import threading
+
+    q = WindowQueue(2)
+    stop = threading.Event()
+    put = threading.Thread(target=lambda: [q.put_wait("m", window("a", i), stop) for i in range(6)])
+    put.start()
+    got = []
+    while len(got) < 6:
+        got += [w.start_time_s for _, w in q.take_batch(1, timeout_s=1.0)]
+    put.join(timeout=10)
+    assert got == [1000.0 + i for i in range(6)] and q.dropped == 0
+    stop.set()  # once stopping, a full queue drops again instead of blocking shutdown
+    for i in range(4):
+        q.put_wait("m", window("a", i), stop)
+    assert q.dropped == 2

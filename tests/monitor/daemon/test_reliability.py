@@ -632,3 +632,27 @@ def test_an_alarm_goes_out_even_when_its_evidence_cannot_be_saved(tmp_path):
     starts = [e for e in pub.events if e.type == "start"]
     assert len(starts) == 1 and starts[0].clip is None and starts[0].image is None
     assert daemon.worker.failed == 0 and len(pub.scores) == 3
+
+
+class SlowDetector(FakeDetector):
+    def score_windows(self, windows, machine_ids):
+        time.sleep(0.01)
+        return np.full(len(windows), 0.1, np.float32)
+
+
+def test_a_folder_at_max_speed_scores_every_window_even_with_a_slow_model(tmp_path):
+    """Replay is not live: with a model slower than file reading, nothing is dropped."""
+    from monitor.daemon.app import Daemon
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clip = tone_clip(np.random.default_rng(0), 0, False, seconds=0.5)
+    for i in range(40):
+        sf.write(folder / f"{i:03d}.wav", clip, RATE)
+    cfg = DaemonConfig(sources=(SourceConfig(id="s", kind="folder", model="m", path=str(folder)),),
+                       node="t", device="cpu", state_dir=str(tmp_path / "state"),
+                       queue_max_windows=4, batch_max=1)
+    pub = Recorder()
+    daemon = Daemon(cfg, publisher=pub, detectors={"m": SlowDetector()})
+    assert daemon.run() == 0
+    assert daemon.queue.dropped == 0 and len(pub.scores) == 40
