@@ -75,6 +75,7 @@ class MicSource:
         self._stream = None
         self._thread: threading.Thread | None = None
         self._stream_to_wall_s: float | None = None
+        self._pending_gap = False  # set by the callback when it drops a block
         self._gap = True  # the next block starts a new stream
         self.device_index: int | None = None
         self.rate_hz = config.rate_hz or SAMPLE_RATE_HZ
@@ -148,12 +149,16 @@ class MicSource:
     def _callback(self, indata, frames, time_info, status) -> None:
         # PortAudio's thread: copy and hand off, nothing else.
         adc = getattr(time_info, "inputBufferAdcTime", 0.0) or 0.0
-        item = (indata.copy(), float(adc), bool(getattr(status, "input_overflow", False)))
+        overflow = bool(getattr(status, "input_overflow", False))
+        # A block dropped here leaves a gap before the NEXT queued block, so the flag travels
+        # with that block (the reader may still hold older, contiguous ones).
+        item = (indata.copy(), float(adc), overflow, self._pending_gap)
         try:
             self._blocks.put_nowait(item)
+            self._pending_gap = False
         except queue.Full:
             self.overruns += 1
-            self._gap = True
+            self._pending_gap = True
 
     # ------------------------------------------------------------------ reader thread
 
@@ -166,7 +171,7 @@ class MicSource:
         delay = self._backoff[0]
         while not self._stop.is_set():
             try:
-                data, adc_s, overflow = self._blocks.get(timeout=0.5)
+                data, adc_s, overflow, gap_before = self._blocks.get(timeout=0.5)
             except queue.Empty:
                 # No stream: the last reopen failed (device still gone), so try again.
                 if self._stream is None or not getattr(self._stream, "active", True):
@@ -176,6 +181,7 @@ class MicSource:
             delay = self._backoff[0]
             if overflow:
                 self.overruns += 1
+            if overflow or gap_before:
                 self._gap = True
             self._deliver(data, adc_s)
 

@@ -64,6 +64,7 @@ class MqttAudioSource:
         self._on_block: BlockSink | None = None
         self._on_window: WindowSink | None = None
         self._last_seq: int | None = None
+        self._pending_break = False  # paho thread: lost before the next queued message
         self._broken = False  # something was lost since the last block: the next one is discontinuous
         self._started_mono: float | None = None
         self._last_audio_mono: float | None = None
@@ -125,17 +126,21 @@ class MqttAudioSource:
         if self._connected.is_set() and not self._shutdown.is_set():
             self._log.warning("mqtt_source_disconnected", reason=str(reason_code))
         self._connected.clear()
-        self._broken = True  # chunks sent while we were away are lost
+        self._pending_break = True  # chunks sent while we were away are lost
 
     def _on_message(self, client, userdata, message) -> None:
         if message.topic != self.topic:
             return  # only the fixed subscription is served
         props = getattr(message.properties, "UserProperty", None) if message.properties else None
+        # A message dropped here (or a disconnect) breaks the stream before the NEXT queued
+        # message, so the flag travels with it; the worker may still hold older, contiguous ones.
+        item = (bytes(message.payload), list(props or ()), time.time(), self._pending_break)
         try:
-            self._inbox.put_nowait((bytes(message.payload), list(props or ()), time.time()))
+            self._inbox.put_nowait(item)
+            self._pending_break = False
         except queue.Full:
             self._counts["dropped"] += 1
-            self._broken = True
+            self._pending_break = True
             self._warn("mqtt_audio_dropped", "queue_full", dropped=self._counts["dropped"])
 
     # ---------------------------------------------------------------- decoding worker
@@ -143,9 +148,11 @@ class MqttAudioSource:
     def _run(self) -> None:
         while not self._shutdown.is_set():
             try:
-                payload, props, arrival_s = self._inbox.get(timeout=0.2)
+                payload, props, arrival_s, broken_before = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if broken_before:
+                self._broken = True
             self._counts["messages"] += 1
             self._counts["bytes"] += len(payload)
             try:
@@ -157,6 +164,9 @@ class MqttAudioSource:
                 self._reject(exc.reason, str(exc))
             except AudioError as exc:
                 self._reject("bad_audio", str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must not silently end the feed
+                self._broken = True
+                self._log.exception("mqtt_audio_failed", error=str(exc))
 
     def _reject(self, reason: str, detail: str) -> None:
         self._rejected[reason] = self._rejected.get(reason, 0) + 1

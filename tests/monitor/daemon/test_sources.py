@@ -249,3 +249,26 @@ def test_mic_callback_overrun_when_the_reader_falls_behind():
     for _ in range(150):  # reader not started: the queue (100 blocks) fills up
         src._callback(data, 160, SimpleNamespace(inputBufferAdcTime=0.0), None)
     assert src.overruns == 50
+
+
+def test_a_block_dropped_in_the_callback_marks_the_next_delivered_block_not_an_older_one():
+    """The queue holds contiguous blocks 0..99; blocks 100-101 are dropped; block 102 follows
+    the gap and must start a new stream, blocks 1..99 must not."""
+    src = MicSource(SourceConfig(id="m", kind="mic", model="m"), query_devices=lambda: DEVICES,
+                    stream_factory=FakeStream)
+    for i in range(102):  # reader not started yet: the queue (100 blocks) fills up
+        src._callback(np.full((160, 1), i, np.float32), 160, SimpleNamespace(inputBufferAdcTime=0.0), None)
+    delivered = []
+    src._on_block = delivered.append
+    for _ in range(50):  # the reader drains half, making room
+        data, adc, overflow, gap_before = src._blocks.get_nowait()
+        src._gap = src._gap or overflow or gap_before
+        src._deliver(data, adc)
+    src._callback(np.full((160, 1), 102, np.float32), 160, SimpleNamespace(inputBufferAdcTime=0.0), None)
+    while not src._blocks.empty():
+        data, adc, overflow, gap_before = src._blocks.get_nowait()
+        src._gap = src._gap or overflow or gap_before
+        src._deliver(data, adc)
+    marked = [int(b.samples[0] * 1) for b in delivered if b.discontinuity]
+    assert src.overruns == 2
+    assert marked == [0, 102], marked
