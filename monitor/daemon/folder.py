@@ -53,6 +53,7 @@ class FolderSource:
         self._done: set[Path] = set()
         self._sizes: dict[Path, int] = {}
         self._timeline_s: float | None = None
+        self._files_end_s: float | None = None  # end of the last file played (watch mode)
         self.keep_silent = keep_silent
         self.skips = SkipCounter()
         self.skipped_by_reason: dict[str, int] = {}
@@ -146,13 +147,15 @@ class FolderSource:
         """New files in name order; when watching, only those whose size held across two
         polls (a recorder may still be writing the newest one)."""
         try:
-            found = sorted(p for p in self.root.rglob("*")
-                           if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
-                           and p not in self._done)
+            listed = sorted(p for p in self.root.rglob("*")
+                            if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
         except OSError:  # the folder vanished while it was listed: the next poll sees it
             return []
+        found = [p for p in listed if p not in self._done]
         if not self.config.watch:
             return found
+        # A recorder rotates old files away: forget them, or this set grows for ever.
+        self._done.intersection_update(listed)
         ready = []
         for p in found:
             try:
@@ -201,7 +204,16 @@ class FolderSource:
         if self._timeline_s is None:
             self._timeline_s = now
         file_t0 = self._timeline_s if cfg.speed == "max" else max(self._timeline_s, now)
-        self._timeline_s = file_t0 + max(len(mono), win) / SAMPLE_RATE_HZ
+        duration_s = max(len(mono), win) / SAMPLE_RATE_HZ
+        if cfg.watch:
+            # A recorder's file was captured just before it was last written: stamp it then,
+            # not end to end after the previous file (that drifts by every pause between files).
+            try:
+                recorded = path.stat().st_mtime - len(mono) / SAMPLE_RATE_HZ
+                file_t0 = recorded if self._files_end_s is None else max(recorded, self._files_end_s)
+            except OSError:
+                pass
+        self._timeline_s = self._files_end_s = file_t0 + duration_s
         machine_id = cfg.machine_id if cfg.machine_id is not None else parse_clip(path).machine_id
         play_mono = self._clock()
         for start, samples in zip(starts, windows):

@@ -118,6 +118,25 @@ def test_folder_watch_plays_new_files_until_stopped(tmp_path):
     assert len(windows) == 1 and not src.finished and src.status()["state"] == "running"
 
 
+def test_a_watched_folder_stamps_each_file_when_it_was_recorded(tmp_path):
+    """Files dropped an hour apart are an hour apart on the timeline, not end to end."""
+    d = tmp_path / "drop"
+    d.mkdir()
+    clip = tone_clip(np.random.default_rng(0), 0, False)
+    for i, written in enumerate((1_000_000.0, 1_003_600.0)):
+        sf.write(d / f"{i:03d}.wav", clip, RATE)
+        os.utime(d / f"{i:03d}.wav", (written, written))
+    src = FolderSource(SourceConfig(id="f", kind="folder", model="m", path=str(d), watch=True,
+                                    poll_s=0.01))
+    _, windows = collect(src)
+    for _ in range(3000):
+        if len(windows) == 2:
+            break
+        src._stop.wait(0.01)
+    src.stop()
+    assert [w.start_time_s for w in windows] == pytest.approx([999_990.0, 1_003_590.0])
+
+
 def test_folder_source_scores_equal_harken_replay_scores(tone_data, tiny_model, tmp_path):
     from monitor.daemon.app import Daemon
     from monitor.daemon.config import DaemonConfig
