@@ -24,6 +24,17 @@ def _ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _writable_dir(path: str, what: str) -> None:
+    """Create an output directory up front: a bad path should fail before hours of work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / ".harken-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the {what} there ({exc.strerror or exc})") from None
+
+
 def _progress(args) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
@@ -53,6 +64,7 @@ def cmd_train(args) -> int:
                             scorers=args.scorer, weights=args.weights, seed=args.seed,
                             embedding=args.embedding,
                             max_epochs=args.max_epochs, fine_tune=args.fine_tune or None)
+    _writable_dir(args.out, "model")
     result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
@@ -70,6 +82,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from train.evaluate import evaluate
 
+    if args.report:
+        _writable_dir(args.report, "report")
     m = evaluate(args.model, args.data, device=args.device, report=args.report,
                  progress=_progress(args), precision=args.precision)
     if args.json:
@@ -102,7 +116,11 @@ def cmd_replay(args) -> int:
         raise UsageError(f"--hop-s must be > 0, got {args.hop_s}")
     detector = Detector.load(args.model, device=args.device, precision=args.precision)
     if args.out and args.out != "-":
-        with open(args.out, "w") as f:
+        try:
+            f = open(args.out, "w")
+        except OSError as exc:
+            raise UsageError(f"{args.out}: cannot write the JSONL there ({exc.strerror or exc})") from None
+        with f:
             summary = replay(detector, Path(args.dir), f, hop_s=args.hop_s, progress=_progress(args))
     else:
         summary = replay(detector, Path(args.dir), sys.stdout, hop_s=args.hop_s)

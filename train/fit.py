@@ -221,7 +221,17 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     fusion = Fusion(cfg.fusion, {n: (float(v.mean()), float(v.std().clamp_min(1e-12)))
                                  for n, v in parts.items()})
     held_scores = fusion.combine(parts).numpy()
-    threshold = calibrate_threshold(held_scores, cfg.threshold_method, cfg.threshold_quantile)
+    # The pooled threshold serves windows whose machine ID is unknown (a mic, an MQTT feed
+    # without machine_id): those are scored against the pooled banks, so calibrate it that way.
+    if any(n in ("knn", "mahalanobis") for n in scorers):
+        with torch.inference_mode():
+            unknown = [None] * len(ids_ho)
+            pooled_parts = {n: s.score(f_ho.to(dev), unknown).double().cpu()
+                            for n, s in scorers.items()}
+        pooled_scores = fusion.combine(pooled_parts).numpy()
+    else:
+        pooled_scores = held_scores
+    threshold = calibrate_threshold(pooled_scores, cfg.threshold_method, cfg.threshold_quantile)
     threshold["per_id"] = per_id_thresholds(held_scores, ids_ho, cfg)
 
     tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}

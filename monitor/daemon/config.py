@@ -9,6 +9,7 @@ are used when it is absent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -227,6 +228,9 @@ def _convert(value: object, hint, path: str, problems: list[str]):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf pass every `<` check silently
+                problems.append(f"{path}: must be a finite number, got {value!r}")
+                return None
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -136,3 +136,16 @@ def test_a_closed_pipe_is_not_a_crash(tiny_model, tone_data):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "unexpected_error" not in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "replay", "evaluate"])
+def test_an_unwritable_output_is_one_line_before_any_work(command, tiny_model, tone_data):
+    out = "/proc/harken-cannot-write-here"
+    args = {"train": ["train", "--data", str(tone_data), "--out", out],
+            "replay": ["replay", "--model", str(tiny_model), "--out", out + "/x.jsonl",
+                       str(tone_data / "test")],
+            "evaluate": ["evaluate", "--model", str(tiny_model), "--data", str(tone_data),
+                         "--report", out]}[command]
+    r = harken(*args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr

@@ -180,3 +180,10 @@ def test_replay_and_evaluate_take_a_precision(tmp_path, tiny_model, tone_data):
     assert len(out.read_text().splitlines()) == 16
     bad = harken("evaluate", "--model", str(tiny_model), "--data", str(tone_data), "--precision", "fp8")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_nan_and_infinite_numbers_are_rejected_by_name(tmp_path):
+    problems = problems_of({"sources": [folder_source(tmp_path, hop_s=float("nan"))],
+                            "alarm": {"hold_s": float("inf")}})
+    assert "sources[0].hop_s: must be a finite number, got nan" in problems, problems
+    assert "alarm.hold_s: must be a finite number, got inf" in problems, problems
