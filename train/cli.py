@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -64,8 +65,14 @@ def cmd_train(args) -> int:
                             scorers=args.scorer, weights=args.weights, seed=args.seed,
                             embedding=args.embedding,
                             max_epochs=args.max_epochs, fine_tune=args.fine_tune or None)
+    created = not Path(args.out).exists()
     _writable_dir(args.out, "model")
-    result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
+    try:
+        result = fit_model(args.data, args.out, cfg, device=args.device, progress=_progress(args))
+    except BaseException:
+        if created:  # a failed run leaves nothing behind that looks like a model
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     else:

@@ -78,20 +78,29 @@ def test_daemon_sends_ready_watchdog_and_stopping(tmp_path, tiny_model):
 
 
 def test_no_watchdog_while_inference_is_dead(tmp_path, tiny_model):
+    import shutil
+
     from monitor.daemon.app import Daemon
     from monitor.daemon.config import DaemonConfig, SourceConfig
+    from tests.monitor.daemon.conftest import wait_until
 
+    drop = tmp_path / "drop"
+    drop.mkdir()
     cfg = DaemonConfig(sources=(SourceConfig(id="f", kind="folder", model=str(tiny_model),
-                                             path=str(tmp_path), watch=True),),
+                                             path=str(drop), watch=True, poll_s=0.05),),
                        node="t", device="cpu", state_dir=str(tmp_path / "state"),
                        jsonl=str(tmp_path / "out.jsonl"), watchdog_dead_s=1.0)
     daemon = Daemon(cfg, notifier=SystemdNotifier({}))
     daemon.start()
     try:
-        assert daemon.alive()
-        daemon._started_mono -= 5.0  # every source silent for longer than watchdog_dead_s
+        daemon._started_mono -= 5.0  # silent for longer than watchdog_dead_s...
+        assert daemon.alive()  # ...but an idle watched folder is waiting, not dead
+        shutil.rmtree(drop)  # the share is gone: the only source is dead
+        wait_until(lambda: daemon.sources["f"].status()["state"] == "stalled", what="stalled")
         assert not daemon.alive()
-        daemon._started_mono += 5.0
+        drop.mkdir()
+        wait_until(lambda: daemon.sources["f"].status()["state"] != "stalled", what="back")
+        assert daemon.alive()
         daemon.worker.heartbeat_mono_s -= 100.0  # a hung inference worker
         assert not daemon.alive()
     finally:
