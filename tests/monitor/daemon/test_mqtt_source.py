@@ -160,3 +160,35 @@ def test_configuration_is_checked(kw, match):
     cfg = SourceConfig(**({"id": "mic3", "kind": "mqtt", "model": "m", "topic": TOPIC} | kw))
     with pytest.raises(UsageError, match=match):
         MqttAudioSource(cfg, MqttConfig(), node="line1", password=None)
+
+
+def test_a_message_dropped_on_a_full_inbox_marks_the_next_queued_chunk():
+    """Chunks without seq: 0..3 queued, 4-5 dropped (inbox full), 6 queued after the gap.
+    Only chunk 0 (stream start) and chunk 6 may start a new stream; 1..3 are contiguous."""
+    from types import SimpleNamespace
+
+    cfg = SourceConfig(id="q", kind="mqtt", model="m", topic="rec/q", format="f32le")
+    src = MqttAudioSource(cfg, MqttConfig(), node="line1", password=None, queue_max=4)
+    src._broken = True  # as after connecting: the first block starts the stream
+
+    def message(i):
+        return SimpleNamespace(topic="rec/q", properties=None,
+                               payload=np.full(160, i, "<f4").tobytes())
+
+    for i in range(6):
+        src._on_message(None, None, message(i))
+    got = []
+    src._on_block = got.append
+    drained = 0
+    while drained < 2:  # the worker takes two chunks, making room
+        payload, props, arrival_s, broken_before = src._inbox.get_nowait()
+        src._broken = src._broken or broken_before
+        src._handle_chunk(payload, props, arrival_s)
+        drained += 1
+    src._on_message(None, None, message(6))
+    while not src._inbox.empty():
+        payload, props, arrival_s, broken_before = src._inbox.get_nowait()
+        src._broken = src._broken or broken_before
+        src._handle_chunk(payload, props, arrival_s)
+    assert src.status()["dropped"] == 2
+    assert [int(b.samples[0]) for b in got if b.discontinuity] == [0, 6]
