@@ -113,3 +113,23 @@ def collector_factory():
 @pytest.fixture
 def collector(broker, collector_factory) -> Collector:
     return collector_factory(broker)
+
+
+class FakeStream:
+    """A PortAudio input stream stand-in: the test calls its callback, or a feeder thread does
+    while it is active."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.callback = kwargs["callback"]
+        self.active = False
+        self.time = 50.0  # PortAudio stream clock
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def close(self):
+        pass

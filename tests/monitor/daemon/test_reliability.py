@@ -29,7 +29,7 @@ from monitor.daemon.sensor import (CLIP_FRACTION, SILENCE_DBFS, SensorFaultMonit
                                    window_faults)
 from monitor.daemon.types import Window
 from tests.helpers import REPO, harken, tone_clip
-from tests.monitor.daemon.conftest import Collector, fast_mqtt, wait_until
+from tests.monitor.daemon.conftest import Collector, FakeStream, fast_mqtt, wait_until
 from tests.mosquitto import Mosquitto, free_port
 
 RATE = 16_000
@@ -210,24 +210,6 @@ class Recorder:
             return self.states.get(source, [None])[-1]
 
 
-class DyingStream:
-    """A PortAudio stream stand-in that a feeder thread fills while it is active."""
-
-    def __init__(self, **kw):
-        self.callback = kw["callback"]
-        self.active = False
-        self.time = 0.0
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-    def close(self):
-        pass
-
-
 def test_sources_stall_and_resume_without_a_restart(broker, tmp_path):
     from monitor.daemon.app import Daemon
     from monitor.daemon.folder import FolderSource
@@ -244,13 +226,13 @@ def test_sources_stall_and_resume_without_a_restart(broker, tmp_path):
     cfg = DaemonConfig(sources=cfgs, node="t", device="cpu", state_dir=str(tmp_path / "state"),
                        stall_after_s=0.5, stats_interval_s=0.2,
                        evidence=EvidenceConfig(enabled=False))
-    streams: list[DyingStream] = []
+    streams: list[FakeStream] = []
     device_gone = threading.Event()
 
     def open_stream(**kw):
         if device_gone.is_set():
             raise OSError("PortAudio: device unavailable")
-        streams.append(DyingStream(**kw))
+        streams.append(FakeStream(**kw))
         return streams[-1]
 
     devices = [{"name": "USB mic", "max_input_channels": 1}]
@@ -375,7 +357,7 @@ def test_mic_keeps_retrying_with_back_off_while_the_device_is_gone():
         attempts.append(time.monotonic())
         if gone.is_set():
             raise OSError("PortAudio: Invalid device")
-        streams.append(DyingStream(**kw))
+        streams.append(FakeStream(**kw))
         return streams[-1]
 
     src = MicSource(SourceConfig(id="m", kind="mic", model="m"),

@@ -16,6 +16,7 @@ from monitor.daemon.folder import FolderSource
 from monitor.daemon.mic import MicSource, find_input_device
 from monitor.errors import UsageError
 from tests.helpers import tone_clip
+from tests.monitor.daemon.conftest import FakeStream
 
 RATE = 16_000
 
@@ -207,23 +208,6 @@ def test_mic_device_lookup_by_name_or_index():
         find_input_device(1, DEVICES, source="m")
     with pytest.raises(UsageError, match="ambiguous"):
         find_input_device("hw:", DEVICES, source="m")
-
-
-class FakeStream:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.callback = kwargs["callback"]
-        self.active = False
-        self.time = 50.0  # PortAudio stream clock
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-    def close(self):
-        pass
 
 
 def test_mic_source_copies_mixes_and_timestamps_blocks_from_a_fake_stream():
