@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from monitor.audio import SAMPLE_RATE_HZ
-from monitor.encoders.base import Embedding
+from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.weights import (
@@ -77,14 +77,14 @@ class KaldiFbank(nn.Module):
             return mel.clamp_min(torch.finfo(torch.float32).eps).log()
 
 
-class ASTEncoder(nn.Module):
+class ASTEncoder(PretrainedEncoder):
     """16 kHz waves -> pooled AST embedding + (batch, hidden, freq_patches, time_patches) map."""
 
     name = "ast"
 
     def __init__(self, model, weights: str | None = None, weights_sha256: str | None = None,
                  fbank_mean: float = FBANK_MEAN, fbank_std: float = FBANK_STD):
-        super().__init__()
+        super().__init__(weights, weights_sha256)
         cfg = model.config
         self.model = model
         self.fbank = KaldiFbank(cfg.num_mel_bins)
@@ -95,10 +95,7 @@ class ASTEncoder(nn.Module):
         self.patch_size = int(cfg.patch_size)
         self.time_stride = int(cfg.time_stride)
         self.grid = model.embeddings.get_shape(cfg)  # (freq_patches, time_patches)
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
-        self.eval()
-        self.requires_grad_(False)
+        self.freeze()
 
     def input_values(self, waves: torch.Tensor) -> torch.Tensor:
         """(batch, samples) -> (batch, max_length, n_mels): what ASTFeatureExtractor returns."""
@@ -154,9 +151,8 @@ class ASTEncoder(nn.Module):
         out = cls_to_patches[:, :, :t_real]
         return out / out.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
-    def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "fbank_mean": self.fbank_mean, "fbank_std": self.fbank_std}
+    def spec_params(self) -> dict:
+        return {"fbank_mean": self.fbank_mean, "fbank_std": self.fbank_std}
 
 
 def build_ast(spec: dict, device: torch.device) -> ASTEncoder:

@@ -32,3 +32,30 @@ class Encoder(Protocol):
     def spec(self) -> dict:
         """JSON-able description stored in the artifact manifest (name, weights, hash, params)."""
         ...
+
+
+class PretrainedEncoder(torch.nn.Module):
+    """What every pretrained encoder shares: where its weights came from (recorded in the
+    artifact, checked on load) and being frozen unless fine-tuning asks otherwise.
+
+    Subclasses set `name`, build their network, call `self.freeze()` last, and list their own
+    parameters in `spec_params()`.
+    """
+
+    name: str
+
+    def __init__(self, weights: str | None = None, weights_sha256: str | None = None):
+        super().__init__()
+        self.weights = weights  # None: the weights directory's default file, found at load time
+        self.weights_sha256 = weights_sha256
+
+    def freeze(self) -> None:
+        self.eval()
+        self.requires_grad_(False)
+
+    def spec_params(self) -> dict:
+        return {}
+
+    def spec(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                **self.spec_params()}

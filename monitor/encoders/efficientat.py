@@ -22,7 +22,7 @@ import torchaudio
 from torch import nn
 
 from monitor.audio import SAMPLE_RATE_HZ
-from monitor.encoders.base import Embedding
+from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.weights import KNOWN, file_sha256, load_strict, locate, read_torch_checkpoint
@@ -226,14 +226,14 @@ class EfficientATNet(nn.Module):
 # --------------------------------------------------------------------------- encoder
 
 
-class EfficientATEncoder(nn.Module):
+class EfficientATEncoder(PretrainedEncoder):
     """The harken encoder: 16 kHz waves -> clip embedding + last feature map (+ AudioSet tags)."""
 
     name = "efficientat"
 
     def __init__(self, net: EfficientATNet, embedding: str = "pooled384",
                  weights: str | None = None, weights_sha256: str | None = None):
-        super().__init__()
+        super().__init__(weights, weights_sha256)
         if embedding not in EMBEDDINGS:
             raise UsageError(f"efficientat embedding must be one of {', '.join(EMBEDDINGS)}, "
                              f"got {embedding!r}")
@@ -243,8 +243,7 @@ class EfficientATEncoder(nn.Module):
         self.net = net.to(memory_format=torch.channels_last)
         self.embedding = embedding
         self.embedding_dim = EMBEDDINGS[embedding]
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
+        self.freeze()
 
     def forward(self, waves: torch.Tensor) -> Embedding:
         out = self.net(self.front(waves).contiguous(memory_format=torch.channels_last))
@@ -260,9 +259,8 @@ class EfficientATEncoder(nn.Module):
         """(batch, samples) 16 kHz -> (batch, 527) AudioSet probabilities (see audioset_labels)."""
         return torch.sigmoid(self.net(self.front(waves))["logits"])
 
-    def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "embedding": self.embedding}
+    def spec_params(self) -> dict:
+        return {"embedding": self.embedding}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

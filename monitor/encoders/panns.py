@@ -26,7 +26,7 @@ import torchaudio
 from torch import nn
 
 from monitor.audio import SAMPLE_RATE_HZ
-from monitor.encoders.base import Embedding
+from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.weights import (check_pinned_sha256, file_sha256, load_strict, locate,
@@ -133,20 +133,17 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class PannsEncoder(nn.Module):
+class PannsEncoder(PretrainedEncoder):
     """16 kHz waves -> CNN14 embedding (batch, 2048) + last conv map (batch, C, freq, time)."""
 
     name = "panns"
 
     def __init__(self, net: Cnn14Net, weights: str | None = None,
                  weights_sha256: str | None = None):
-        super().__init__()
+        super().__init__(weights, weights_sha256)
         self.net = net
         self.embedding_dim = int(net.fc1.out_features)
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
-        self.eval()
-        self.requires_grad_(False)
+        self.freeze()
 
     def forward(self, waves: torch.Tensor) -> Embedding:
         if waves.ndim != 2:
@@ -157,9 +154,8 @@ class PannsEncoder(nn.Module):
         # PANNs maps are (time, freq); harken's are (freq, time).
         return Embedding(vector=out["embedding"], feature_map=out["map"].transpose(2, 3))
 
-    def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "front_end": self.net.front_end}
+    def spec_params(self) -> dict:
+        return {"front_end": self.net.front_end}
 
 
 def build_panns(spec: dict, device: torch.device) -> PannsEncoder:

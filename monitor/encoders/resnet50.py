@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from monitor.audio import LogMel, MelParams
-from monitor.encoders.base import Embedding
+from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.weights import check_pinned_sha256, load_hf_model, locate, weights_sha256
@@ -22,12 +22,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ResNet50Encoder(nn.Module):
+class ResNet50Encoder(PretrainedEncoder):
     name = "resnet50"
 
     def __init__(self, model, weights: str | None = None, weights_sha256: str | None = None,
                  image_size: int = 224):
-        super().__init__()
+        super().__init__(weights, weights_sha256)
         if image_size < 32:
             raise UsageError(f"resnet50 image_size must be >= 32, got {image_size}")
         self.model = model
@@ -36,10 +36,7 @@ class ResNet50Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.embedding_dim = int(model.config.hidden_sizes[-1])
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
-        self.eval()
-        self.requires_grad_(False)
+        self.freeze()
 
     def pixels(self, waves: torch.Tensor) -> torch.Tensor:
         """(batch, samples) -> (batch, 3, image_size, image_size) ImageNet-normalised pixels."""
@@ -58,9 +55,8 @@ class ResNet50Encoder(nn.Module):
         # last_hidden_state: (batch, 2048, H/32, W/32), rows = mel bands, columns = time
         return Embedding(vector=out.pooler_output.flatten(1), feature_map=out.last_hidden_state)
 
-    def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "image_size": self.image_size, "mel": MelParams().to_json()}
+    def spec_params(self) -> dict:
+        return {"image_size": self.image_size, "mel": MelParams().to_json()}
 
 
 def build_resnet50(spec: dict, device: torch.device) -> ResNet50Encoder:

@@ -10,10 +10,9 @@ feature map (batch, hidden, 1, frames) for the cnn decoder.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from monitor.audio import SAMPLE_RATE_HZ
-from monitor.encoders.base import Embedding
+from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.weights import (
@@ -25,19 +24,16 @@ from monitor.weights import (
 )
 
 
-class Wav2Vec2Encoder(nn.Module):
+class Wav2Vec2Encoder(PretrainedEncoder):
     name = "wav2vec2"
 
     def __init__(self, model, weights: str | None = None, weights_sha256: str | None = None,
                  normalize: bool = True):
-        super().__init__()
+        super().__init__(weights, weights_sha256)
         self.model = model
         self.normalize = bool(normalize)
         self.embedding_dim = int(model.config.hidden_size)
-        self.weights = weights
-        self.weights_sha256 = weights_sha256
-        self.eval()
-        self.requires_grad_(False)
+        self.freeze()
 
     def forward(self, waves: torch.Tensor) -> Embedding:
         if waves.ndim != 2:
@@ -49,9 +45,8 @@ class Wav2Vec2Encoder(nn.Module):
         return Embedding(vector=hidden.mean(dim=1),
                          feature_map=hidden.transpose(1, 2).unsqueeze(2))  # (batch, hidden, 1, frames)
 
-    def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "normalize": self.normalize}
+    def spec_params(self) -> dict:
+        return {"normalize": self.normalize}
 
 
 def build_wav2vec2(spec: dict, device: torch.device) -> Wav2Vec2Encoder:
