@@ -322,6 +322,7 @@ class Daemon:
         pub = self.publisher_status()
         return {"windows_produced": self.queue.produced, "windows_scored": self.worker.scored,
                 "windows_dropped": self.queue.dropped, "windows_failed": self.worker.failed,
+                "windows_publish_failed": self.worker.publish_failed,
                 "windows_nonfinite": sum(self.nonfinite_by_source.values()),
                 "sensor_faults": sum(sum(f.episodes.values()) for f in self.sensor_faults.values()),
                 "outbox_pending": pub.get("outbox_pending"),

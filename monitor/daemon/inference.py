@@ -110,7 +110,8 @@ class InferenceWorker(threading.Thread):
         self.heartbeat_mono_s = time.monotonic()
         self.scored = 0
         self.batches = 0
-        self.failed = 0
+        self.failed = 0  # windows whose batch could not be scored
+        self.publish_failed = 0  # scored windows whose alarm/publish step raised
         self.batch_ms: deque[float] = deque(maxlen=2000)  # per batch, for p50/p95
         self.latency_ms: deque[float] = deque(maxlen=2000)  # window complete -> scored
         self.error: BaseException | None = None
@@ -132,19 +133,19 @@ class InferenceWorker(threading.Thread):
             for key, win in batch:
                 by_model.setdefault(key, []).append(win)
             for key, windows in by_model.items():
-                try:
-                    self._score(key, windows)
-                except Exception as exc:  # noqa: BLE001 - a bad batch must not kill monitoring
-                    self.failed += len(windows)
-                    log.exception("inference_failed", model=key, windows=len(windows),
-                                  error=str(exc))
+                self._score(key, windows, log)
         log.info("inference_stopped", scored=self.scored)
 
-    def _score(self, key: str, windows: list[Window]) -> None:
+    def _score(self, key: str, windows: list[Window], log) -> None:
         det = self.detectors[key]
         t0 = time.monotonic()
-        scores = det.score_windows(np.stack([w.samples for w in windows]),
-                                   [w.machine_id for w in windows])
+        try:
+            scores = det.score_windows(np.stack([w.samples for w in windows]),
+                                       [w.machine_id for w in windows])
+        except Exception as exc:  # noqa: BLE001 - a bad batch must not kill monitoring
+            self.failed += len(windows)
+            log.exception("inference_failed", model=key, windows=len(windows), error=str(exc))
+            return
         done = time.monotonic()
         self.batch_ms.append((done - t0) * 1000.0)
         self.batches += 1
@@ -153,7 +154,12 @@ class InferenceWorker(threading.Thread):
             self.latency_ms.append((done - win.ready_mono_s) * 1000.0)
             threshold = self.threshold_overrides.get(win.source, det.threshold_for(win.machine_id))
             self.scored += 1
-            self.on_scored(ScoredWindow(win, key, float(s), float(threshold), det.name, now, done))
+            try:
+                self.on_scored(ScoredWindow(win, key, float(s), float(threshold), det.name, now,
+                                            done))
+            except Exception as exc:  # noqa: BLE001 - one window's publishing must not lose the rest
+                self.publish_failed += 1
+                log.exception("window_publish_failed", source=win.source, error=str(exc))
             self.heartbeat_mono_s = time.monotonic()
 
 

@@ -136,3 +136,22 @@ def test_put_wait_blocks_while_full_and_loses_nothing():
     for i in range(4):
         q.put_wait("m", window("a", i), stop)
     assert q.dropped == 2
+
+
+def test_a_failing_publish_loses_only_its_own_window():
+    q = WindowQueue(10)
+    for i in range(4):
+        q.put_nowait("m", window("a", i))
+    got = []
+
+    def on_scored(sw):
+        if sw.window.start_time_s == 1001.0:
+            raise RuntimeError("broker client exploded")
+        got.append(sw.window.start_time_s)
+
+    worker = InferenceWorker(q, {"m": SlowDetector()}, on_scored=on_scored, batch_max=4)
+    worker.stop_when_drained()
+    worker.start()
+    worker.join(timeout=30)
+    assert got == [1000.0, 1002.0, 1003.0]
+    assert worker.scored == 4 and worker.publish_failed == 1 and worker.failed == 0
