@@ -3,18 +3,35 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harken-installed
+# bash with pipefail: a failing pip must fail the recipe even when its output is filtered.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps demo test soak clean
+LOCK := requirements.lock
+# This machine's pip config names local index folders that may not exist; drop that noise only.
+PIPFILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# The lock is generated from pyproject.toml by uv (pinned here), never edited by hand.
+UV_VERSION := 0.13.9
+LOCK_ARGS := pyproject.toml --extra test --generate-hashes --universal --python-version 3.11
+
+.PHONY: setup system-deps demo test soak clean lock
 
 setup: $(STAMP) system-deps
 
-# Re-install only when the dependency list changes; pip's resolver is slow to re-run.
-$(STAMP): pyproject.toml
+# Every dependency at the lock's exact version and hash; then harken itself, without deps, so
+# nothing the lock did not name can slip in. Re-runs only when pyproject or the lock change.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --require-hashes -r $(LOCK) 2>&1 | $(PIPFILTER)
+	@$(PY) -c "import torch, torchaudio" || { echo "torch/torchaudio failed to import after install"; exit 1; }
+	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | $(PIPFILTER)
 	@touch $(STAMP)
+
+# Refresh the lock after editing pyproject.toml's dependencies: `make lock`, then commit both.
+lock:
+	@test -x .lock-venv/bin/uv || { $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet uv==$(UV_VERSION); }
+	.lock-venv/bin/uv pip compile $(LOCK_ARGS) -o $(LOCK)
 
 # mosquitto: the tests start their own broker; libportaudio2: sounddevice's C library.
 system-deps:

@@ -121,6 +121,26 @@ def train_autoencoder(scorer: ReconScorer, f_train: Features, f_val: Features,
     return history
 
 
+def fit_scorers(cfg: TrainConfig, f_tr: Features, ids_tr: list[int | None], f_val: Features,
+                dev: torch.device, progress: bool = True) -> tuple[dict, list[EpochLog]]:
+    """Fit every configured scorer on standardised training features (f_val: the decoder's
+    early-stopping set). Returns (name -> scorer, the decoder's epoch log)."""
+    scorers: dict = {}
+    history: list[EpochLog] = []
+    for name in cfg.scorers:
+        if name == "recon":
+            map_shape = list(f_tr.map.shape[1:]) if f_tr.map is not None else None
+            rec = ReconScorer.build(cfg.decoder, f_tr.vector.shape[1], cfg.decoder_dims, map_shape)
+            rec.fit_stats(f_tr)
+            history = train_autoencoder(rec, f_tr, f_val, cfg, dev, progress)
+            scorers[name] = rec
+        elif name == "knn":
+            scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
+        elif name == "mahalanobis":
+            scorers[name] = MahalanobisScorer.fit(f_tr.vector, ids_tr)
+    return scorers, history
+
+
 def calibrate_threshold(scores: np.ndarray, method: str, quantile: float) -> dict:
     """DCASE-style: fit a gamma distribution to held-out normal scores and take its quantile."""
     scores = np.asarray(scores, dtype=float)
@@ -190,19 +210,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     f_ho = Features(std(f_ho.vector), f_ho.map, f_ho.image)
 
     t1 = time.monotonic()
-    scorers: dict = {}
-    history: list[EpochLog] = []
-    for name in cfg.scorers:
-        if name == "recon":
-            map_shape = list(f_tr.map.shape[1:]) if f_tr.map is not None else None
-            rec = ReconScorer.build(cfg.decoder, f_tr.vector.shape[1], cfg.decoder_dims, map_shape)
-            rec.fit_stats(f_tr)
-            history = train_autoencoder(rec, f_tr, f_ho, cfg, dev, progress)
-            scorers[name] = rec
-        elif name == "knn":
-            scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
-        elif name == "mahalanobis":
-            scorers[name] = MahalanobisScorer.fit(f_tr.vector, ids_tr)
+    scorers, history = fit_scorers(cfg, f_tr, ids_tr, f_ho, dev, progress)
     tuned = None
     if cfg.fine_tune:  # phase 2: encoder + the warmed-up decoder, end to end on waves
         waves = load_window_waves(embedded.clips, WINDOW_S, cfg.hop_s)
