@@ -166,7 +166,7 @@ class Detector:
         raw = raw.to(self.device)
         f = Features(self.standardizer(raw.vector), raw.map, raw.image)
         parts = {name: s.score(f, ids) for name, s in self.scorers.items()}
-        return {**parts, "score": self.fusion.combine(parts)}
+        return {**parts, "score": self.fusion.combine(parts, ids)}
 
     def score_windows(self, windows: np.ndarray,
                       machine_ids: Sequence[int | None] | None = None) -> np.ndarray:

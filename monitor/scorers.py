@@ -4,13 +4,16 @@ higher = stranger.
 - `recon`: reconstruction error of an autoencoder trained on normal embeddings (the seed's method).
 - `knn`: mean distance to the k nearest normal training embeddings of the same machine ID.
 - `mahalanobis`: distance to the machine ID's normal mean under a Ledoit-Wolf shrunk covariance.
+- `diag`: the same with a diagonal covariance: robust with few clips per ID and many dimensions.
+The distance scorers may look at one named `view` of the embedding (a slice the encoder
+declares, e.g. the `stats` encoder's `level` and `shape` views).
 Each scorer saves its state as named tensors plus a JSON config; nothing is pickled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -143,8 +146,28 @@ class ReconScorer:
 # --------------------------------------------------------------------------- distance scorers
 
 
+def resolve_view(views: dict | None, name: str | None) -> list[int] | None:
+    """[start, stop) of a named view of the encoder's embedding; None: the whole vector."""
+    if name is None:
+        return None
+    if not views or name not in views:
+        raise UsageError(f"this encoder has no embedding view {name!r}; "
+                         f"available: {', '.join(views) if views else 'none'}")
+    start, stop = (int(x) for x in views[name])
+    return [start, stop]
+
+
 class _PerIdScorer:
-    """Shared bookkeeping: per machine ID state, pooled fallback for unknown IDs."""
+    """Shared bookkeeping: per machine ID state, pooled fallback for unknown IDs, and the view
+    (slice of the embedding) the scorer looks at."""
+
+    view: list[int] | None = None
+
+    def _select(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.view is None else z[:, self.view[0]:self.view[1]]
+
+    def _view_config(self) -> dict:
+        return {} if self.view is None else {"view": list(self.view)}
 
     def _key(self, machine_id: int | None, keys) -> str:
         key = f"id_{machine_id:02d}" if machine_id is not None else POOLED
@@ -160,7 +183,9 @@ class _PerIdScorer:
 class KnnScorer(_PerIdScorer):
     name = "knn"
 
-    def __init__(self, banks: dict[str, torch.Tensor], k: int = 1, metric: str = "cosine"):
+    def __init__(self, banks: dict[str, torch.Tensor], k: int = 1, metric: str = "cosine",
+                 view: list[int] | None = None):
+        self.view = list(view) if view is not None else None
         if metric not in ("cosine", "euclidean"):
             raise UsageError(f"knn metric must be cosine or euclidean, got {metric!r}")
         if k < 1:
@@ -173,20 +198,22 @@ class KnnScorer(_PerIdScorer):
 
     @classmethod
     def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None], k: int = 1,
-            metric: str = "cosine") -> KnnScorer:
+            metric: str = "cosine", view: list[int] | None = None) -> KnnScorer:
+        if view is not None:
+            z = z[:, view[0]:view[1]]
         banks: dict[str, torch.Tensor] = {}
         for mid in sorted({m for m in machine_ids if m is not None}):
             idx = [i for i, m in enumerate(machine_ids) if m == mid]
             banks[f"id_{mid:02d}"] = z[idx]
         if not banks:
             banks[POOLED] = z
-        return cls(banks, k, metric)
+        return cls(banks, k, metric, view)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(x, dim=1) if self.metric == "cosine" else x
 
     def score(self, f: Features, machine_ids):
-        z = f.vector
+        z = self._select(f.vector)
         _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         for key, idx in self._groups(machine_ids, self.banks).items():
@@ -200,7 +227,8 @@ class KnnScorer(_PerIdScorer):
 
     def config(self) -> dict:
         keys = sorted(k for k in self.banks if k != POOLED)
-        return {"name": self.name, "k": self.k, "metric": self.metric, "banks": keys or [POOLED]}
+        return {"name": self.name, "k": self.k, "metric": self.metric, "banks": keys or [POOLED],
+                **self._view_config()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         keys = self.config()["banks"]
@@ -210,7 +238,7 @@ class KnnScorer(_PerIdScorer):
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> KnnScorer:
         banks = {k: tensors[f"bank.{k}"] for k in config["banks"]}
         # Banks were normalised before saving when cosine; normalising again is a no-op.
-        return cls(banks, config["k"], config["metric"])
+        return cls(banks, config["k"], config["metric"], config.get("view"))
 
 
 def ledoit_wolf_shrinkage(xc: torch.Tensor) -> tuple[float, float]:
@@ -251,24 +279,44 @@ class _Gaussian:
     basis: torch.Tensor | None = None  # V: (n, p) sqrt(1 - shrink) * centred rows
     inner_inv: torch.Tensor | None = None  # M^-1: (n, n)
     ridge: float = 1.0  # a = shrink * mu
+    # (p,) the group's own per-dimension spread; distances are taken in those units. Shrinking
+    # towards the identity there is scale-free. None (older artifacts): no rescaling.
+    scale: torch.Tensor | None = None
+    diagonal: bool = False  # sum of squared scaled deviations; no correlations
+
+    # Variance floor in standardised units: a dimension that hardly moves in training must not
+    # turn a tiny deviation into a huge distance.
+    VAR_FLOOR = 1e-3
 
     @classmethod
-    def fit(cls, x: torch.Tensor) -> _Gaussian:
+    def fit(cls, x: torch.Tensor, covariance: str = "full", group_scale: bool = False) -> _Gaussian:
         x = x.double()
         n, p = x.shape
         mean = x.mean(dim=0)
         xc = x - mean
+        scale = None
+        if group_scale or covariance == "diag":
+            scale = (xc.pow(2).mean(dim=0) + cls.VAR_FLOOR).sqrt()
+            xc = xc / scale
+        if covariance == "diag":
+            return cls(mean.float(), scale=scale.float(), diagonal=True)
+        scale = None if scale is None else scale.float()
         shrink, mu = ledoit_wolf_shrinkage(xc)
         a = max(shrink * mu, 1e-8)
         if p <= n:
             cov = a * torch.eye(p, dtype=x.dtype) + (1 - shrink) * (xc.T @ xc / n)
-            return cls(mean.float(), precision=torch.linalg.inv(cov).float(), ridge=a)
+            return cls(mean.float(), precision=torch.linalg.inv(cov).float(), ridge=a, scale=scale)
         v = xc * (1 - shrink) ** 0.5
         inner = n * a * torch.eye(n, dtype=x.dtype) + v @ v.T
-        return cls(mean.float(), basis=v.float(), inner_inv=torch.linalg.inv(inner).float(), ridge=a)
+        return cls(mean.float(), basis=v.float(), inner_inv=torch.linalg.inv(inner).float(), ridge=a,
+                   scale=scale)
 
     def sq_distance(self, z: torch.Tensor) -> torch.Tensor:
         d = (z - self.mean.to(z)).double()
+        if self.scale is not None:
+            d = d / self.scale.to(d)
+        if self.diagonal:
+            return (d**2).sum(dim=1)
         if self.precision is not None:
             return ((d @ self.precision.to(d)) * d).sum(dim=1)
         vd = d @ self.basis.to(d).T  # (batch, n)
@@ -276,7 +324,11 @@ class _Gaussian:
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
         out = {f"mean.{key}": self.mean, f"ridge.{key}": torch.tensor([self.ridge])}
-        if self.precision is not None:
+        if self.scale is not None:
+            out[f"scale.{key}"] = self.scale
+        if self.diagonal:
+            pass
+        elif self.precision is not None:
             out[f"precision.{key}"] = self.precision
         else:
             out[f"basis.{key}"] = self.basis
@@ -284,29 +336,45 @@ class _Gaussian:
         return out
 
     @classmethod
-    def from_tensors(cls, key: str, t: dict[str, torch.Tensor]) -> _Gaussian:
-        return cls(t[f"mean.{key}"], t.get(f"precision.{key}"), t.get(f"basis.{key}"),
-                   t.get(f"inner_inv.{key}"), float(t[f"ridge.{key}"][0]))
+    def from_tensors(cls, key: str, t: dict[str, torch.Tensor], diagonal: bool = False) -> _Gaussian:
+        g = cls(t[f"mean.{key}"], t.get(f"precision.{key}"), t.get(f"basis.{key}"),
+                t.get(f"inner_inv.{key}"), float(t[f"ridge.{key}"][0]), t.get(f"scale.{key}"),
+                diagonal)
+        if diagonal and g.scale is None:
+            raise ArtifactError(f"diagonal Gaussian {key!r} has no scale tensor")
+        if not diagonal and g.precision is None and (g.basis is None or g.inner_inv is None):
+            raise ArtifactError(f"Gaussian {key!r} has neither a precision nor a low-rank basis")
+        return g
 
 
 class MahalanobisScorer(_PerIdScorer):
     name = "mahalanobis"
+    covariance = "full"
 
-    def __init__(self, models: dict[str, _Gaussian]):
+    def __init__(self, models: dict[str, _Gaussian], view: list[int] | None = None,
+                 group_scale: bool = False):
         self.models = models
+        self.view = list(view) if view is not None else None
+        self.group_scale = group_scale
 
     @classmethod
-    def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None]) -> MahalanobisScorer:
+    def fit(cls, z: torch.Tensor, machine_ids: Sequence[int | None], view: list[int] | None = None,
+            group_scale: bool = True) -> MahalanobisScorer:
+        """group_scale: measure each ID's distances in that ID's own per-dimension spread (the
+        shrinkage target is then scale-free); off reproduces the scorer of harken <= 0.1."""
+        if view is not None:
+            z = z[:, view[0]:view[1]]
         groups = {POOLED: list(range(z.shape[0]))}
         for mid in sorted({m for m in machine_ids if m is not None}):
             groups[f"id_{mid:02d}"] = [i for i, m in enumerate(machine_ids) if m == mid]
-        models = {key: _Gaussian.fit(z[idx]) for key, idx in groups.items() if len(idx) >= 2}
+        models = {key: _Gaussian.fit(z[idx], cls.covariance, group_scale)
+                  for key, idx in groups.items() if len(idx) >= 2}
         if POOLED not in models:
-            raise UsageError("mahalanobis needs at least 2 normal training windows")
-        return cls(models)
+            raise UsageError(f"{cls.name} needs at least 2 normal training windows")
+        return cls(models, view, group_scale)
 
     def score(self, f: Features, machine_ids):
-        z = f.vector
+        z = self._select(f.vector)
         _check_ids(z, machine_ids)
         out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
         for key, idx in self._groups(machine_ids, self.models).items():
@@ -314,7 +382,7 @@ class MahalanobisScorer(_PerIdScorer):
         return out
 
     def config(self) -> dict:
-        return {"name": self.name, "groups": sorted(self.models)}
+        return {"name": self.name, "groups": sorted(self.models), **self._view_config()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -324,10 +392,22 @@ class MahalanobisScorer(_PerIdScorer):
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MahalanobisScorer:
-        return cls({k: _Gaussian.from_tensors(k, tensors) for k in config["groups"]})
+        diagonal = cls.covariance == "diag"
+        return cls({k: _Gaussian.from_tensors(k, tensors, diagonal) for k in config["groups"]},
+                   config.get("view"))
 
 
-SCORERS = {"recon": ReconScorer, "knn": KnnScorer, "mahalanobis": MahalanobisScorer}
+class DiagScorer(MahalanobisScorer):
+    """Per-ID Gaussian with a diagonal covariance: each dimension's deviation in units of that
+    ID's own spread, squared and summed. No correlations to estimate, so it holds up with few
+    clips per ID where a full covariance over hundreds of dimensions is mostly shrinkage."""
+
+    name = "diag"
+    covariance = "diag"
+
+
+SCORERS = {"recon": ReconScorer, "knn": KnnScorer, "mahalanobis": MahalanobisScorer,
+           "diag": DiagScorer}
 
 
 # --------------------------------------------------------------------------- normalisation, fusion
@@ -357,19 +437,72 @@ class Fusion:
 
     method: str  # "mean" | "max"
     stats: dict[str, tuple[float, float]]  # scorer -> (mean, std) of held-out normal scores
+    # "log": z-normalise log scores. Distances are skewed to the right; in log units their
+    # normal spread is near-Gaussian, so one member's rare huge value cannot swamp the others.
+    transform: str = "none"
+    # machine ID ("00") -> that ID's own statistics, so fused scores of different machines are
+    # on one scale; IDs with too few held-out scores use the pooled `stats`.
+    per_id: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
-    def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    MIN_PER_ID = 5  # held-out normal scores an ID needs for its own statistics
+
+    def _t(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.log(s.clamp_min(1e-12)) if self.transform == "log" else s
+
+    @classmethod
+    def fit(cls, method: str, parts: dict[str, torch.Tensor], transform: str = "none",
+            machine_ids: Sequence[int | None] | None = None) -> Fusion:
+        """Fusion statistics from normal scores that the scorers did not train on; with
+        machine_ids, also per ID where an ID has MIN_PER_ID scores or more."""
+        t = cls(method, {}, transform)
+
+        def stats_of(sel) -> dict[str, tuple[float, float]]:
+            out = {}
+            for n, v in parts.items():
+                tv = t._t(v.double()[sel])
+                out[n] = (float(tv.mean()), float(tv.std().clamp_min(1e-12)) if len(tv) > 1 else 1.0)
+            return out
+
+        n_all = len(next(iter(parts.values())))
+        per_id = {}
+        if machine_ids is not None and len(parts) > 1:
+            for mid in sorted({m for m in machine_ids if m is not None}):
+                sel = torch.tensor([m == mid for m in machine_ids])
+                if int(sel.sum()) >= cls.MIN_PER_ID:
+                    per_id[f"{mid:02d}"] = stats_of(sel)
+        return cls(method, stats_of(torch.ones(n_all, dtype=torch.bool)), transform, per_id)
+
+    def combine(self, scores: dict[str, torch.Tensor],
+                machine_ids: Sequence[int | None] | None = None) -> torch.Tensor:
         if len(scores) == 1:
             return next(iter(scores.values()))
-        z = torch.stack([(s - self.stats[n][0]) / self.stats[n][1] for n, s in scores.items()])
-        return z.mean(dim=0) if self.method == "mean" else z.max(dim=0).values
+        first = next(iter(scores.values()))
+        ids = list(machine_ids) if machine_ids is not None else [None] * first.shape[0]
+        keys = [f"{m:02d}" if m is not None and f"{m:02d}" in self.per_id else None for m in ids]
+        z = []
+        for n, s in scores.items():
+            mean = torch.tensor([self.per_id[k][n][0] if k else self.stats[n][0] for k in keys],
+                                dtype=s.dtype, device=s.device)
+            std = torch.tensor([self.per_id[k][n][1] if k else self.stats[n][1] for k in keys],
+                               dtype=s.dtype, device=s.device)
+            z.append((self._t(s) - mean) / std)
+        stacked = torch.stack(z)  # (scorers, batch)
+        return stacked.mean(dim=0) if self.method == "mean" else stacked.max(dim=0).values
 
     def to_json(self) -> dict:
-        return {"method": self.method, "stats": {k: list(v) for k, v in self.stats.items()}}
+        out = {"method": self.method, "transform": self.transform,
+               "stats": {k: list(v) for k, v in self.stats.items()}}
+        if self.per_id:
+            out["per_id"] = {i: {k: list(v) for k, v in st.items()} for i, st in self.per_id.items()}
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> Fusion:
-        return cls(d["method"], {k: (float(v[0]), float(v[1])) for k, v in d["stats"].items()})
+        def parse(st: dict) -> dict[str, tuple[float, float]]:
+            return {k: (float(v[0]), float(v[1])) for k, v in st.items()}
+
+        return cls(d["method"], parse(d["stats"]), d.get("transform", "none"),
+                   {i: parse(st) for i, st in d.get("per_id", {}).items()})
 
 
 def _check_ids(z: torch.Tensor, machine_ids: Sequence[int | None]) -> None:

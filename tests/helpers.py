@@ -39,8 +39,12 @@ def write_tone_dataset(root: Path, ids=(0, 1), n_train=10, n_test=4, seed=0) -> 
     return root
 
 
+# The seed's log-mel MLP autoencoder, kept small: the daemon and artifact tests need a model
+# with a reconstruction (error map); tests of the default detector train it without a config.
 TINY_TRAIN_YAML = """\
 train:
+  encoder: mel
+  scorers: [recon]
   decoder_dims: [8192, 64, 16]
   max_epochs: 6
   early_stop_patience: 3

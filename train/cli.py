@@ -294,10 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model artifact on normal clips")
     t.add_argument("--data", required=True, help="data directory (uses DATA/train when it exists)")
     t.add_argument("--out", required=True, help="model directory to write")
-    t.add_argument("--encoder", default=None, help="mel (default), conv, efficientat, ast, panns, wav2vec2, resnet50")
-    t.add_argument("--decoder", default=None, help="mlp (default), unet, cnn")
+    t.add_argument("--encoder", default=None,
+                   help="stats (default: no weights), mel, conv, efficientat, ast, panns, "
+                        "wav2vec2, resnet50")
+    t.add_argument("--decoder", default=None, help="for the recon scorer: mlp (default), unet, cnn")
     t.add_argument("--scorer", default=None,
-                   help="comma-separated: recon (default), knn, mahalanobis; several are fused")
+                   help="comma-separated: diag, mahalanobis, knn, recon; several are fused "
+                        "(default by encoder: stats diag,mahalanobis,knn; mel/conv recon; "
+                        "pretrained mahalanobis)")
     t.add_argument("--weights", default=None, help="encoder weights file (pretrained encoders)")
     t.add_argument("--embedding", default=None,
                    help="encoder-specific embedding (efficientat: pooled384, hidden512, both)")

@@ -11,13 +11,25 @@ from monitor.errors import UsageError
 
 THRESHOLD_METHODS = ("gamma", "quantile")
 FUSION_METHODS = ("mean", "max")
+FUSION_TRANSFORMS = ("log", "none")
+KNN_METRICS = ("auto", "cosine", "euclidean")
+
+# Scorers when none are asked for, by encoder (measured; README "Choosing a model"): the
+# weight-free default fuses three density models on its statistics; pretrained embeddings get
+# a per-ID Gaussian; the seed's log-mel image keeps its autoencoder.
+DEFAULT_SCORERS = {"stats": ("diag", "mahalanobis", "knn"), "mel": ("recon",), "conv": ("recon",)}
+PRETRAINED_DEFAULT_SCORERS = ("mahalanobis",)
+
+
+def default_scorers(encoder: str) -> tuple[str, ...]:
+    return DEFAULT_SCORERS.get(encoder, PRETRAINED_DEFAULT_SCORERS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    encoder: str = "mel"
+    encoder: str = "stats"  # weight-free default (monitor/encoders/stats.py)
     decoder: str = "mlp"
-    scorers: tuple[str, ...] = ("recon",)
+    scorers: tuple[str, ...] | None = None  # None: default_scorers(encoder)
     weights: str | None = None  # encoder weights file, for pretrained encoders
     embedding: str | None = None  # encoder-specific embedding choice (efficientat: pooled384, hidden512, both)
     decoder_dims: tuple[int, ...] | None = None  # default: the seed's widths for this encoder
@@ -31,9 +43,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     threshold_method: str = "gamma"  # gamma: DCASE-style gamma fit; quantile: empirical
     threshold_quantile: float = 0.9
-    knn_k: int = 1
-    knn_metric: str = "cosine"
+    knn_k: int = 10  # mean distance to the k nearest: steadier than the single nearest
+    knn_metric: str = "auto"  # auto: euclidean on the stats encoder, cosine on embeddings
     fusion: str = "mean"
+    fusion_transform: str = "log"  # z-normalise log scores (see monitor.scorers.Fusion)
     hop_s: float | None = None  # windows of clips longer than 10 s; default no overlap
     embed_batch_size: int = 16
     embedding_cache: str = "auto"  # auto: on for pretrained encoders, off for the cheap mel image
@@ -56,6 +69,10 @@ class TrainConfig:
             bad("threshold_quantile", f"must be in [0.5, 1), got {self.threshold_quantile}")
         if self.embedding_cache not in ("auto", "on", "off"):
             bad("embedding_cache", f"must be auto, on or off, got {self.embedding_cache!r}")
+        if self.fusion_transform not in FUSION_TRANSFORMS:
+            bad("fusion_transform", f"must be one of {FUSION_TRANSFORMS}, got {self.fusion_transform!r}")
+        if self.knn_metric not in KNN_METRICS:
+            bad("knn_metric", f"must be one of {KNN_METRICS}, got {self.knn_metric!r}")
         if self.fusion not in FUSION_METHODS:
             bad("fusion", f"must be one of {FUSION_METHODS}, got {self.fusion!r}")
         for key in ("batch_size", "max_epochs", "embed_batch_size", "knn_k"):
@@ -69,9 +86,19 @@ class TrainConfig:
             bad("fine_tune_epochs", f"must be >= 1, got {self.fine_tune_epochs}")
         if self.fine_tune_batch_size < 2:
             bad("fine_tune_batch_size", f"must be >= 2 (the decoder has BatchNorm), got {self.fine_tune_batch_size}")
-        if not self.scorers:
-            bad("scorers", "at least one scorer is needed (recon, knn, mahalanobis)")
+        if self.scorers is not None and not self.scorers:
+            bad("scorers", "at least one scorer is needed (diag, mahalanobis, knn, recon)")
         return self
+
+    @property
+    def scorer_names(self) -> tuple[str, ...]:
+        return tuple(self.scorers) if self.scorers else default_scorers(self.encoder)
+
+    @property
+    def knn_metric_for_encoder(self) -> str:
+        if self.knn_metric != "auto":
+            return self.knn_metric
+        return "euclidean" if self.encoder == "stats" else "cosine"
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}

@@ -56,9 +56,9 @@ def check_fine_tune_config(cfg: TrainConfig) -> None:
     if cfg.encoder in NOT_TUNABLE:
         raise UsageError(f"--fine-tune needs a pretrained encoder with weights to tune "
                          f"(efficientat, ast, panns, wav2vec2, resnet50); {cfg.encoder!r} has none")
-    if cfg.decoder != "cnn" or tuple(cfg.scorers) != ("recon",):
+    if cfg.decoder != "cnn" or cfg.scorer_names != ("recon",):
         raise UsageError(f"--fine-tune works only with --decoder cnn and the recon scorer alone "
-                         f"(got decoder {cfg.decoder!r}, scorers {','.join(cfg.scorers)}): other "
+                         f"(got decoder {cfg.decoder!r}, scorers {','.join(cfg.scorer_names)}): other "
                          f"targets are the encoder's own output, which tuning would collapse")
 
 

@@ -22,6 +22,7 @@ from monitor.labels import split_dir
 from monitor.logs import get_logger
 from monitor.scorers import (
     SCORERS,
+    resolve_view,
     Fusion,
     KnnScorer,
     MahalanobisScorer,
@@ -121,13 +122,24 @@ def train_autoencoder(scorer: ReconScorer, f_train: Features, f_val: Features,
     return history
 
 
+def scorer_views(cfg: TrainConfig, views: dict | None) -> dict[str, list[int] | None]:
+    """Which slice of the embedding each distance scorer reads (the stats encoder's views)."""
+    from monitor.encoders.stats import DEFAULT_SCORER_VIEWS
+
+    wanted = DEFAULT_SCORER_VIEWS if cfg.encoder == "stats" else {}
+    return {n: resolve_view(views, wanted.get(n)) for n in cfg.scorer_names}
+
+
 def fit_scorers(cfg: TrainConfig, f_tr: Features, ids_tr: list[int | None], f_val: Features,
-                dev: torch.device, progress: bool = True) -> tuple[dict, list[EpochLog]]:
+                dev: torch.device, progress: bool = True,
+                views: dict | None = None) -> tuple[dict, list[EpochLog]]:
     """Fit every configured scorer on standardised training features (f_val: the decoder's
-    early-stopping set). Returns (name -> scorer, the decoder's epoch log)."""
+    early-stopping set; views: the encoder's named embedding slices). Returns
+    (name -> scorer, the decoder's epoch log)."""
     scorers: dict = {}
     history: list[EpochLog] = []
-    for name in cfg.scorers:
+    view_of = scorer_views(cfg, views)
+    for name in cfg.scorer_names:
         if name == "recon":
             map_shape = list(f_tr.map.shape[1:]) if f_tr.map is not None else None
             rec = ReconScorer.build(cfg.decoder, f_tr.vector.shape[1], cfg.decoder_dims, map_shape)
@@ -135,9 +147,10 @@ def fit_scorers(cfg: TrainConfig, f_tr: Features, ids_tr: list[int | None], f_va
             history = train_autoencoder(rec, f_tr, f_val, cfg, dev, progress)
             scorers[name] = rec
         elif name == "knn":
-            scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k, metric=cfg.knn_metric)
-        elif name == "mahalanobis":
-            scorers[name] = MahalanobisScorer.fit(f_tr.vector, ids_tr)
+            scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k,
+                                          metric=cfg.knn_metric_for_encoder, view=view_of[name])
+        elif name in ("mahalanobis", "diag"):
+            scorers[name] = SCORERS[name].fit(f_tr.vector, ids_tr, view=view_of[name])
     return scorers, history
 
 
@@ -184,7 +197,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     log = get_logger(stage="train")
     seed_everything(cfg.seed)
     dev = resolve_device(device)
-    for name in cfg.scorers:
+    for name in cfg.scorer_names:
         if name not in SCORERS:
             raise UsageError(f"unknown scorer {name!r}; available: {', '.join(SCORERS)}")
     check_fine_tune_config(cfg)
@@ -192,9 +205,10 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     clips = normal_training_clips(root)
     t0 = time.monotonic()
     encoder = build_encoder(encoder_spec(cfg), dev)
-    use_cache = cfg.embedding_cache == "on" or (cfg.embedding_cache == "auto" and cfg.encoder != "mel")
+    use_cache = cfg.embedding_cache == "on" or (
+        cfg.embedding_cache == "auto" and cfg.encoder not in ("mel", "conv", "stats"))
     cache = EmbeddingCache(cache_dir or default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
-    with_map = "recon" in cfg.scorers and cfg.decoder == "cnn"
+    with_map = "recon" in cfg.scorer_names and cfg.decoder == "cnn"
     embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
                            batch_size=cfg.embed_batch_size, progress=progress, cache=cache,
                            with_map=with_map)
@@ -210,7 +224,8 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     f_ho = Features(std(f_ho.vector), f_ho.map, f_ho.image)
 
     t1 = time.monotonic()
-    scorers, history = fit_scorers(cfg, f_tr, ids_tr, f_ho, dev, progress)
+    scorers, history = fit_scorers(cfg, f_tr, ids_tr, f_ho, dev, progress,
+                                   views=getattr(encoder, "views", None))
     tuned = None
     if cfg.fine_tune:  # phase 2: encoder + the warmed-up decoder, end to end on waves
         waves = load_window_waves(embedded.clips, WINDOW_S, cfg.hop_s)
@@ -226,9 +241,8 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
 
     with torch.inference_mode():
         parts = {n: s.score(f_ho.to(dev), ids_ho).double().cpu() for n, s in scorers.items()}
-    fusion = Fusion(cfg.fusion, {n: (float(v.mean()), float(v.std().clamp_min(1e-12)))
-                                 for n, v in parts.items()})
-    held_scores = fusion.combine(parts).numpy()
+    fusion = Fusion.fit(cfg.fusion, parts, cfg.fusion_transform, ids_ho)
+    held_scores = fusion.combine(parts, ids_ho).numpy()
     # The pooled threshold serves windows whose machine ID is unknown (a mic, an MQTT feed
     # without machine_id): those are scored against the pooled banks, so calibrate it that way.
     if any(n in ("knn", "mahalanobis") for n in scorers):
@@ -236,7 +250,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
             unknown = [None] * len(ids_ho)
             pooled_parts = {n: s.score(f_ho.to(dev), unknown).double().cpu()
                             for n, s in scorers.items()}
-        pooled_scores = fusion.combine(pooled_parts).numpy()
+        pooled_scores = fusion.combine(pooled_parts).numpy()  # unknown IDs: pooled statistics
     else:
         pooled_scores = held_scores
     threshold = calibrate_threshold(pooled_scores, cfg.threshold_method, cfg.threshold_quantile)
@@ -259,7 +273,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
                    for p in s.model.parameters())
     manifest = {
         "name": f"{cfg.encoder}+" + "+".join(
-            (cfg.decoder if n == "recon" else n) for n in cfg.scorers),
+            (cfg.decoder if n == "recon" else n) for n in cfg.scorer_names),
         "sample_rate_hz": SAMPLE_RATE_HZ,
         "window_s": WINDOW_S,
         "encoder": spec,

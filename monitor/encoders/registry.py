@@ -16,6 +16,12 @@ def _build_mel(spec: dict, device: torch.device) -> Encoder:
     return build_mel(spec, device)
 
 
+def _build_stats(spec: dict, device: torch.device) -> Encoder:
+    from monitor.encoders.stats import build_stats
+
+    return build_stats(spec, device)
+
+
 def _build_efficientat(spec: dict, device: torch.device) -> Encoder:
     from monitor.encoders.efficientat import load_efficientat
 
@@ -51,6 +57,7 @@ def _build_resnet50(spec: dict, device: torch.device) -> Encoder:
 
 # Lazy builders keep `import monitor` cheap and avoid importing optional model code up front.
 ENCODERS: dict[str, Callable[[dict, torch.device], Encoder]] = {
+    "stats": _build_stats,  # the default: no weights, per-band log-mel statistics
     "mel": _build_mel,
     "conv": _build_mel,  # the mel image, encoded by the cnn decoder's learnt stem
     "efficientat": _build_efficientat,

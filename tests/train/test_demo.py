@@ -16,5 +16,5 @@ def test_pretrained_step_trains_efficientat_from_the_weights_directory(tmp_path,
     monkeypatch.setenv("HARKEN_WEIGHTS_DIR", str(shared_data / "weights" / "efficientat"))
     monkeypatch.setenv("HARKEN_CACHE_DIR", str(tmp_path / "cache"))
     out = run_pretrained_step(tone_data, tmp_path / "m", progress=False)
-    assert out["metrics"]["model"] == "efficientat+knn+mahalanobis"
+    assert out["metrics"]["model"] == "efficientat+mahalanobis"
     assert out["metrics"]["auc"] > 0.9  # the tone anomalies are obvious to a pretrained tagger

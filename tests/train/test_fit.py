@@ -35,7 +35,7 @@ def test_training_loop_learns_low_rank_structure():
 
 
 def test_early_stopping_and_best_weights(tone_data, tmp_path):
-    cfg = load_train_config(None, decoder_dims=(8192, 64, 16), max_epochs=40,
+    cfg = load_train_config(None, encoder="mel", decoder_dims=(8192, 64, 16), max_epochs=40,
                             early_stop_patience=2, early_stop_min_delta=10.0, batch_size=4)
     result = fit_model(tone_data, tmp_path / "m", cfg, device="cpu", progress=False)
     # min_delta 10 means no epoch after the first counts as better: stop after 1 + patience.
@@ -50,7 +50,7 @@ def test_trained_model_separates_tone_anomalies(tiny_model, tone_data):
 
 
 def test_training_is_reproducible(tone_data, tmp_path):
-    cfg = load_train_config(None, decoder_dims=(8192, 32), max_epochs=3, seed=7)
+    cfg = load_train_config(None, encoder="mel", decoder_dims=(8192, 32), max_epochs=3, seed=7)
     a = fit_model(tone_data, tmp_path / "a", cfg, device="cpu", progress=False)
     b = fit_model(tone_data, tmp_path / "b", cfg, device="cpu", progress=False)
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
@@ -92,11 +92,19 @@ def test_ledoit_wolf_matches_sklearn_formula():
     assert np.allclose(cov, shrink * mu * np.eye(6) + (1 - shrink) * s)
     # Full precision (p <= n) and the low-rank Woodbury form (p > n) give the same distances.
     q = torch.from_numpy(x[:5]).float()
-    full = MahalanobisScorer.fit(torch.from_numpy(x).float(), [0] * 40)
+    full = MahalanobisScorer.fit(torch.from_numpy(x).float(), [0] * 40, group_scale=False)
     ref = np.sqrt(np.einsum("bi,ij,bj->b", x[:5] - x.mean(0), np.linalg.inv(cov), x[:5] - x.mean(0)))
     assert np.allclose(full.score(Features(q), [0] * 5).numpy(), ref, rtol=1e-3)
+    # group_scale: the same estimator in the ID's own per-dimension units (plus a small floor).
+    scale = np.sqrt(xc.var(0) + 1e-3)
+    cov_s = ledoit_wolf(torch.from_numpy(x / scale)).numpy()
+    d = (x[:5] - x.mean(0)) / scale
+    ref_s = np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov_s), d))
+    scaled = MahalanobisScorer.fit(torch.from_numpy(x).float(), [0] * 40, group_scale=True)
+    assert np.allclose(scaled.score(Features(q), [0] * 5).numpy(), ref_s, rtol=1e-2)
+    assert not np.allclose(ref_s, ref, rtol=1e-2)  # the option changes the model
     wide = rng.normal(size=(12, 30))
-    low = MahalanobisScorer.fit(torch.from_numpy(wide).float(), [0] * 12)
+    low = MahalanobisScorer.fit(torch.from_numpy(wide).float(), [0] * 12, group_scale=False)
     assert low.models["all"].basis is not None
     cw = ledoit_wolf(torch.from_numpy(wide)).numpy()
     dw = wide[:3] - wide.mean(0)
