@@ -103,6 +103,11 @@ def cmd_evaluate(args) -> int:
             print(f"  id {key}: AUC {v['auc']:.4f}  pAUC {v['pauc']:.4f}  "
                   f"({v['n_normal']} normal, {v['n_anomaly']} anomalous)")
     print(f"  harmonic mean over IDs: AUC {m['hmean_auc']:.4f}  pAUC {m['hmean_pauc']:.4f}")
+    for name, v in m.get("per_fault", {}).items():
+        print(f"  fault {name}: AUC {v['auc']:.4f}  pAUC {v['pauc']:.4f}  ({v['n_anomaly']} anomalous)")
+    for band, v in m.get("per_severity", {}).items():
+        print(f"  severity {band} ({v['range'][0]:.2f}-{v['range'][1]:.2f}): AUC {v['auc']:.4f}  "
+              f"({v['n_anomaly']} anomalous)")
     if "tpr_at_threshold" in m:
         print(f"  at threshold {m['threshold']:.6g}: TPR {m['tpr_at_threshold']:.3f}  "
               f"FPR {m['fpr_at_threshold']:.3f}")
@@ -136,14 +141,15 @@ def cmd_replay(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from train.compare import compare
+    from train.compare import DEFAULT_SCORERS, compare
     from train.config import load_train_config
 
     base = load_train_config(args.config, max_epochs=args.max_epochs, seed=args.seed)
     split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
+    split_scorers = split  # "," separates systems; "+" fuses scorers within one: diag+knn
     compare(args.data, args.out, encoders=split(args.encoders),
             decoders=split(args.decoders) or ("mlp", "unet", "cnn"),
-            scorers=split(args.scorers) or ("recon", "knn", "mahalanobis"), seeds=args.seeds,
+            scorers=split_scorers(args.scorers) or DEFAULT_SCORERS, seeds=args.seeds,
             base=base, device=args.device, progress=_progress(args))
     print((Path(args.out) / "compare.md").read_text())
     print(f"table: {Path(args.out) / 'compare.md'}, {Path(args.out) / 'compare.csv'}; "
@@ -341,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="report directory (compare.md, .csv, .png)")
     c.add_argument("--encoders", default=None, help="comma-separated (default: all registered)")
     c.add_argument("--decoders", default=None, help="comma-separated (default: mlp,unet,cnn)")
-    c.add_argument("--scorers", default=None, help="comma-separated (default: recon,knn,mahalanobis)")
+    c.add_argument("--scorers", default=None,
+                   help="comma-separated systems; + fuses scorers into one, e.g. default,knn,diag+knn "
+                        "(default: default,recon,knn,mahalanobis,diag; default = train's choice "
+                        "for the encoder)")
     c.add_argument("--seeds", type=int, default=1, help="retrain each pair with N seeds")
     c.add_argument("--config", default=None, help="YAML with training settings for every pair")
     c.add_argument("--max-epochs", type=int, default=None)

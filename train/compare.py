@@ -14,12 +14,14 @@ from monitor.detector import resolve_device
 from monitor.encoders.registry import ENCODERS, build_encoder
 from monitor.errors import HarkenError, UsageError
 from monitor.logs import get_logger
-from train.config import TrainConfig, load_train_config
+from train.config import TrainConfig, default_scorers, load_train_config
 from train.evaluate import evaluate
 from train.fit import encoder_spec, fit_model
 
 DEFAULT_DECODERS = ("mlp", "unet", "cnn")
-DEFAULT_SCORERS = ("recon", "knn", "mahalanobis")
+# "default": the scorers `harken train` picks for the encoder when none are named (for stats
+# the fused diag+mahalanobis+knn); "a+b" is one fused system.
+DEFAULT_SCORERS = ("default", "recon", "knn", "mahalanobis", "diag")
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,13 @@ class System:
     scorer: str
 
     @property
+    def scorers(self) -> tuple[str, ...] | None:
+        return None if self.scorer == "default" else tuple(self.scorer.split("+"))
+
+    @property
     def label(self) -> str:
-        return f"{self.encoder}+{self.decoder if self.scorer == 'recon' else self.scorer}"
+        names = default_scorers(self.encoder) if self.scorer == "default" else self.scorers
+        return f"{self.encoder}+" + "+".join(self.decoder if n == "recon" else n for n in names)
 
 
 @dataclass
@@ -39,6 +46,7 @@ class Row:
     aucs: list[float] = field(default_factory=list)
     paucs: list[float] = field(default_factory=list)
     per_id: dict[str, list[float]] = field(default_factory=dict)
+    per_fault: dict[str, list[float]] = field(default_factory=dict)
     embed_s: list[float] = field(default_factory=list)
     train_s: list[float] = field(default_factory=list)
     parameters: int = 0
@@ -48,12 +56,19 @@ class Row:
 def plan(encoders, decoders, scorers) -> list[tuple[System, str | None]]:
     """Every combination, with the reason when one makes no sense."""
     out = []
+    labels: set[str] = set()
     for enc in encoders:
         for sc in scorers:
-            for dec in (decoders if sc == "recon" else ("-",)):
+            uses_recon = sc == "recon" or (sc == "default" and "recon" in default_scorers(enc))
+            for dec in (decoders if uses_recon else ("-",)):
                 system = System(enc, dec, sc)
+                if system.label in labels:
+                    continue  # "default" that is one of the listed scorers: run it once
+                labels.add(system.label)
                 reason = None
-                if enc == "conv" and not (sc == "recon" and dec == "cnn"):
+                if enc == "stats" and uses_recon:
+                    reason = "stats feeds density models; reconstruction is for the mel image and embeddings"
+                elif enc == "conv" and not (uses_recon and dec == "cnn"):
                     reason = "conv is the from-scratch CNN autoencoder: only with the cnn decoder"
                 elif enc == "mel" and sc == "recon" and dec == "cnn" and "conv" in encoders:
                     reason = "the same network as conv+cnn (the cnn decoder's stem encodes the mel image)"
@@ -122,6 +137,8 @@ def compare(data: str | Path, out: str | Path, *, encoders=None, decoders=DEFAUL
                 for key, v in m["per_id"].items():
                     if "auc" in v:
                         row.per_id.setdefault(key, []).append(v["auc"])
+                for key, v in m.get("per_fault", {}).items():
+                    row.per_fault.setdefault(key, []).append(v["auc"])
                 row.embed_s.append(res["embed_seconds"])
                 row.train_s.append(res["fit_seconds"])
                 row.parameters = res["parameters"]
@@ -134,17 +151,20 @@ def compare(data: str | Path, out: str | Path, *, encoders=None, decoders=DEFAUL
 def _cfg(base: TrainConfig, encoder: str, decoder: str, scorer: str, seed: int) -> TrainConfig:
     from dataclasses import replace
 
+    scorers = None if scorer == "default" else tuple(scorer.split("+"))
     return replace(base, encoder=encoder, decoder=decoder if decoder != "-" else base.decoder,
-                   scorers=(scorer,), seed=seed, embedding_cache="on",
+                   scorers=scorers, seed=seed, embedding_cache="on",
                    decoder_dims=base.decoder_dims if decoder in VECTOR_DECODERS else None)
 
 
 def write_tables(out: Path, rows: list[Row], seeds: int) -> None:
     ids = sorted({k for r in rows for k in r.per_id})
+    faults = sorted({k for r in rows for k in r.per_fault})
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["encoder", "decoder", "scorer", "auc", "auc_sd", "pauc", "pauc_sd",
-                    *[f"auc_id_{i}" for i in ids], "embed_s", "train_s", "parameters", "seeds",
+                    *[f"auc_id_{i}" for i in ids], *[f"auc_{x}" for x in faults],
+                    "embed_s", "train_s", "parameters", "seeds",
                     "skipped"])
         for r in rows:
             a, asd = _mean_sd(r.aucs)
@@ -152,13 +172,16 @@ def write_tables(out: Path, rows: list[Row], seeds: int) -> None:
             w.writerow([r.system.encoder, r.system.decoder, r.system.scorer,
                         *(f"{x:.4f}" if r.aucs else "" for x in (a, asd, p, psd)),
                         *(f"{_mean_sd(r.per_id.get(i, []))[0]:.4f}" if r.per_id.get(i) else "" for i in ids),
+                        *(f"{_mean_sd(r.per_fault.get(x, []))[0]:.4f}" if r.per_fault.get(x) else ""
+                          for x in faults),
                         f"{statistics.fmean(r.embed_s):.2f}" if r.embed_s else "",
                         f"{statistics.fmean(r.train_s):.2f}" if r.train_s else "",
                         r.parameters or "", len(r.aucs), r.skipped or ""])
     spread = " (mean ± sd over seeds)" if seeds > 1 else ""
     lines = [f"| system | AUC{spread} | pAUC | " + " | ".join(f"AUC id {i}" for i in ids)
+             + "".join(f" | {x}" for x in faults)
              + " | embed s (uncached) | train s | decoder params |",
-             "|" + " --- |" * (6 + len(ids))]
+             "|" + " --- |" * (6 + len(ids) + len(faults))]
     done = sorted((r for r in rows if r.aucs), key=lambda r: -statistics.fmean(r.aucs))
     for r in done:
         a, asd = _mean_sd(r.aucs)
@@ -166,6 +189,8 @@ def write_tables(out: Path, rows: list[Row], seeds: int) -> None:
         auc_txt = f"{a:.3f} ± {asd:.3f}" if seeds > 1 else f"{a:.3f}"
         pauc_txt = f"{p:.3f} ± {psd:.3f}" if seeds > 1 else f"{p:.3f}"
         per = " | ".join(f"{_mean_sd(r.per_id[i])[0]:.3f}" if r.per_id.get(i) else "-" for i in ids)
+        per += "".join(f" | {_mean_sd(r.per_fault[x])[0]:.3f}" if r.per_fault.get(x) else " | -"
+                       for x in faults)
         lines.append(f"| {r.system.label} | {auc_txt} | {pauc_txt} | {per} | "
                      f"{statistics.fmean(r.embed_s):.1f} | {statistics.fmean(r.train_s):.1f} | "
                      f"{r.parameters:,} |")

@@ -16,6 +16,59 @@ from monitor.replay import SkipCounter, score_files
 from train.metrics import auc, harmonic_mean, pauc, roc_curve
 
 MAX_FPR = 0.1
+# Severity bands for per-fault figures: subtle, moderate and plain faults.
+SEVERITY_BANDS = ((0.0, 1 / 3, "low"), (1 / 3, 2 / 3, "mid"), (2 / 3, 1.0001, "high"))
+
+
+def read_fault_labels(data: str | Path) -> dict[str, tuple[str, float | None]]:
+    """file name -> (fault type, severity) from the data set's labels.csv (as `harken synth`
+    writes it: columns file, fault, severity); empty when there is none or it has no fault
+    column. Rows that cannot be parsed are skipped and counted in the log."""
+    root = Path(data)
+    for path in (root / "labels.csv", root.parent / "labels.csv"):
+        if path.is_file():
+            break
+    else:
+        return {}
+    out: dict[str, tuple[str, float | None]] = {}
+    bad = 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "fault" not in reader.fieldnames or "file" not in reader.fieldnames:
+            return {}
+        for row in reader:
+            try:
+                sev = row.get("severity")
+                out[Path(row["file"]).name] = (row["fault"] or "none",
+                                               float(sev) if sev not in (None, "") else None)
+            except (TypeError, ValueError):
+                bad += 1
+    if bad:
+        get_logger(stage="evaluate").warning("labels_rows_skipped", file=str(path), count=bad)
+    return out
+
+
+def per_fault_metrics(rows: list[dict]) -> dict:
+    """AUC of each fault type's anomalous clips (and of each severity band) against all normal
+    clips; rows carry `fault` and `severity` (from labels.csv)."""
+    y = np.array([r["label"] == ANOMALY for r in rows])
+    s = np.array([r["score"] for r in rows])
+    faults = np.array([r.get("fault") or "unknown" for r in rows])
+    sev = np.array([np.nan if r.get("severity") is None else r["severity"] for r in rows], dtype=float)
+    out: dict = {"per_fault": {}, "per_severity": {}}
+    if not (~y).any():
+        return out
+    for name in sorted(set(faults[y])):
+        sel = (~y) | (y & (faults == name))
+        out["per_fault"][name] = {"n_anomaly": int((y & (faults == name)).sum()),
+                                  "auc": auc(y[sel], s[sel]), "pauc": pauc(y[sel], s[sel], MAX_FPR)}
+    for lo, hi, band in SEVERITY_BANDS:
+        hit = y & (sev >= lo) & (sev < hi)
+        if hit.any():
+            sel = (~y) | hit
+            out["per_severity"][band] = {"range": [round(lo, 3), round(min(hi, 1.0), 3)],
+                                         "n_anomaly": int(hit.sum()), "auc": auc(y[sel], s[sel])}
+    return out
 
 
 def score_test_set(detector: Detector, data: str | Path, *, batch_size: int = 16,
@@ -89,8 +142,8 @@ def write_report(out_dir: str | Path, rows: list[dict], metrics: dict, threshold
     out.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out / "scores.csv", "roc": out / "roc.png", "histogram": out / "histogram.png"}
     with open(paths["scores"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["file", "machine_id", "label", "score", "threshold",
-                                          "anomaly"])
+        w = csv.DictWriter(f, fieldnames=["file", "machine_id", "label", "fault", "severity",
+                                          "score", "threshold", "anomaly"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             t = r.get("threshold", threshold)
@@ -126,6 +179,19 @@ def write_report(out_dir: str | Path, rows: list[dict], metrics: dict, threshold
     fig.tight_layout()
     fig.savefig(paths["histogram"], dpi=110)
     plt.close(fig)
+    if metrics.get("per_fault"):
+        paths["faults"] = out / "faults.png"
+        names = list(metrics["per_fault"])
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        ax.bar(names, [metrics["per_fault"][n]["auc"] for n in names], color="tab:red", alpha=0.7)
+        for i, n in enumerate(names):
+            ax.text(i, metrics["per_fault"][n]["auc"] + 0.01, f"{metrics['per_fault'][n]['auc']:.2f}",
+                    ha="center", fontsize=8)
+        ax.axhline(0.5, color="grey", ls=":")
+        ax.set(ylim=(0, 1.05), ylabel="AUC vs all normal clips", title=f"Per fault type: {model_name}")
+        fig.tight_layout()
+        fig.savefig(paths["faults"], dpi=110)
+        plt.close(fig)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -141,6 +207,11 @@ def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", repor
         metrics["thresholds_per_id"] = {f"{k:02d}": v for k, v in detector.thresholds_per_id.items()}
     metrics["model"] = detector.name
     metrics["skipped_files"] = skips.total
+    labels = read_fault_labels(data)
+    if labels:
+        for r in rows:
+            r["fault"], r["severity"] = labels.get(Path(r["file"]).name, (None, None))
+        metrics.update(per_fault_metrics(rows))
     if report:
         metrics["report"] = write_report(report, rows, metrics, detector.threshold, detector.name)
         metrics["report"]["evidence"] = write_evidence(Path(report) / "evidence", detector, rows)
