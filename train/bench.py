@@ -132,6 +132,18 @@ def _bench_mel(device, weights_path=None):
     return enc, reference, "none (no weights)"
 
 
+def _bench_stats(device, weights_path=None):
+    from monitor.encoders.stats import StatsEncoder
+
+    enc = StatsEncoder().to(device).eval()
+
+    def reference(x):  # one clip at a time, as a per-file feature function would
+        with torch.no_grad():
+            return [enc(torch.from_numpy(clip)[None].to(device)).vector for clip in x]
+
+    return enc, reference, "none (no weights)"
+
+
 def _bench_efficientat(device, weights_path=None):
     from monitor.encoders import efficientat as ea
 
@@ -182,7 +194,8 @@ def _bench_ast(device, weights_path=None):
     return enc, reference, "random-initialised (AST-base shape)"
 
 
-BENCH_ENCODERS: dict[str, Callable] = {"mel": _bench_mel, "efficientat": _bench_efficientat,
+BENCH_ENCODERS: dict[str, Callable] = {"stats": _bench_stats, "mel": _bench_mel,
+                                       "efficientat": _bench_efficientat,
                                        "ast": _bench_ast}
 
 

@@ -42,8 +42,9 @@ class Resolution:
         return asdict(self)
 
 
-# 64 ms / 32 ms frames for the stationary sound, 16 ms / 8 ms for transients.
-DEFAULT_RESOLUTIONS = (Resolution(1024, 512, 32), Resolution(256, 128, 32))
+# 64 ms / 32 ms frames for the stationary sound, 32 ms / 16 ms for transients (16 ms / 8 ms
+# scored the same and cost four times as much: small FFTs are slow per sample).
+DEFAULT_RESOLUTIONS = (Resolution(1024, 512, 32), Resolution(512, 256, 32))
 
 
 class BandStats(nn.Module):
@@ -59,20 +60,26 @@ class BandStats(nn.Module):
         self.register_buffer("fbank", fb, persistent=False)  # (freq bins, n_mels)
 
     def log_mel_db(self, waves: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(waves.float(), self.res.n_fft, self.res.hop_length, window=self.window,
-                          center=True, return_complex=True)
-        power = spec.real**2 + spec.imag**2  # (batch, freq, frames)
-        mel = torch.einsum("bft,fm->bmt", power, self.fbank)  # (batch, n_mels, frames)
-        return 10.0 * torch.log10(mel + 1e-10)
+        # A centred STFT (reflect padding) written as frames + rfft: torch.stft measured 3x slower
+        # on one CPU thread for these sizes.
+        half = self.res.n_fft // 2
+        padded = nn.functional.pad(waves.float()[:, None], (half, half), mode="reflect")[:, 0]
+        frames = padded.unfold(1, self.res.n_fft, self.res.hop_length) * self.window  # (b, t, n_fft)
+        spec = torch.fft.rfft(frames, dim=2)
+        power = spec.real**2 + spec.imag**2  # (batch, frames, freq)
+        mel = power @ self.fbank  # (batch, frames, n_mels)
+        return 10.0 * torch.log10(mel.transpose(1, 2) + 1e-10)  # (batch, n_mels, frames)
 
     def forward(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (level stats (batch, 5 * n_mels), overall level (batch,))."""
         db = self.log_mel_db(waves)
         mean = db.mean(dim=2)  # (batch, n_mels)
+        # 90th percentile by selection, not a full sort (torch.quantile sorts: 5x slower here)
+        k = min(db.shape[2], int(0.9 * (db.shape[2] - 1)) + 1)
         parts = [
             mean,
             db.std(dim=2),
-            torch.quantile(db, 0.9, dim=2) - mean,
+            db.kthvalue(k, dim=2).values - mean,
             db.amax(dim=2) - mean,
             (db[:, :, 1:] - db[:, :, :-1]).abs().mean(dim=2),  # frame-to-frame roughness
         ]
