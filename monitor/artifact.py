@@ -118,10 +118,11 @@ def save_artifact(out_dir: str | Path, manifest: dict, tensors: dict[str, torch.
         if verify is not None:
             verify(staging)
         _move_into_place(staging, out)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only mount, a quota
         shutil.rmtree(staging, ignore_errors=True)
-        raise UsageError(f"{out}: cannot save the model ({exc.strerror or exc}); the previous "
-                         f"model there, if any, is unchanged") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"{out}: cannot save the model ({why}); the previous model there, "
+                         "if any, is unchanged") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

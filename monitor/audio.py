@@ -21,6 +21,7 @@ SAMPLE_RATE_HZ = 16_000
 WINDOW_S = 10.0
 MIN_RATE_HZ = 8_000
 MAX_RATE_HZ = 48_000
+MIN_HOP_S = 0.01  # 160 samples; smaller hops only multiply work
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ def window_starts(n_samples: int, window_s: float = WINDOW_S, hop_s: float | Non
     """Start offsets of the windows `split_windows` returns for a clip of n_samples."""
     win = int(round(window_s * rate_hz))
     hop = int(round((hop_s or window_s) * rate_hz))
+    if hop < 1 or win < 1:
+        raise ValueError(f"window ({window_s} s) and hop ({hop_s} s) must be at least one sample")
     if n_samples <= win:
         return [0]
     starts = list(range(0, n_samples - win + 1, hop))
@@ -104,6 +107,18 @@ def window_starts(n_samples: int, window_s: float = WINDOW_S, hop_s: float | Non
     if n_samples - (starts[-1] + win) > win // 2:
         starts.append(n_samples - win)
     return starts
+
+
+def iter_windows(mono: np.ndarray, window_s: float = WINDOW_S, hop_s: float | None = None,
+                 rate_hz: int = SAMPLE_RATE_HZ):
+    """(start, window) pairs, the same windows as `split_windows`, one at a time (views into
+    `mono`, padded copies for short clips): memory stays one window whatever the hop."""
+    win = int(round(window_s * rate_hz))
+    if mono.shape[0] < win:
+        yield 0, split_windows(mono, window_s, hop_s, rate_hz)[0]
+        return
+    for start in window_starts(mono.shape[0], window_s, hop_s, rate_hz):
+        yield start, mono[start:start + win]
 
 
 def split_windows(mono: np.ndarray, window_s: float = WINDOW_S, hop_s: float | None = None,
