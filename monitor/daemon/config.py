@@ -404,29 +404,21 @@ def _topic_problems(value: str, path: str, *, prefix: bool) -> list[str]:
 
 
 def _output_path_problems(cfg: DaemonConfig) -> list[str]:
-    """Outputs that would be read back as input: the JSONL sink or the evidence WAVs inside a
-    folder source's directory (a watched folder would score its own evidence and alarm on it,
-    or append JSON to a recording)."""
+    """Outputs that would be read back as input: a JSONL sink with an audio file name (JSON
+    appended to a recording), or the evidence WAVs inside a watched folder (the daemon would
+    score its own evidence, alarm on it, and write more)."""
     from monitor.labels import AUDIO_SUFFIXES
 
     out: list[str] = []
-    folders = [(i, Path(s.path)) for i, s in enumerate(cfg.sources)
-               if s is not None and s.kind == "folder" and s.path]
-    if cfg.jsonl not in (None, "", "-"):
-        jsonl = Path(cfg.jsonl)
-        if jsonl.suffix.lower() in AUDIO_SUFFIXES:
-            out.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} has an audio file name; the JSONL sink "
-                       "appends JSON lines, give it a .jsonl name")
-        for i, folder in folders:
-            if _within(jsonl, folder):
-                out.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} is inside sources[{i}].path "
-                           f"({short_repr(str(folder), PATH_SHOWN)}); write it outside the folders being read")
+    if cfg.jsonl not in (None, "", "-") and Path(cfg.jsonl).suffix.lower() in AUDIO_SUFFIXES:
+        out.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} has an audio file name; the "
+                   "JSONL sink appends JSON lines, give it a .jsonl name")
     state = resolve_state_dir(cfg)
-    for i, folder in folders:
-        if _within(state, folder):
-            out.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)} is inside sources[{i}].path "
-                       f"({short_repr(str(folder), PATH_SHOWN)}): alarm evidence (WAV) written there would "
-                       "be read back as recordings")
+    for i, s in enumerate(cfg.sources):
+        if s is not None and s.kind == "folder" and s.watch and s.path and _within(state, Path(s.path)):
+            out.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)} is inside the watched "
+                       f"sources[{i}].path: alarm evidence (WAV) written there would be read "
+                       "back as recordings")
     return out
 
 
