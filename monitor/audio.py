@@ -16,6 +16,7 @@ import torch
 import torchaudio
 
 from monitor.errors import AudioError
+from monitor.resample import resample_whole
 
 SAMPLE_RATE_HZ = 16_000
 WINDOW_S = 10.0
@@ -80,11 +81,29 @@ def to_mono_16k(samples: np.ndarray, rate_hz: int, *, source: str = "audio") -> 
         raise AudioError(f"{source}: contains NaN or infinite samples")
     mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if rate_hz != SAMPLE_RATE_HZ:
-        # Polyphase sinc resampling; torchaudio caches the kernel per (orig, new) pair.
-        mono = torchaudio.functional.resample(
-            torch.from_numpy(np.ascontiguousarray(mono)), rate_hz, SAMPLE_RATE_HZ
-        ).numpy()
+        # The same polyphase filter live streams use (one StreamResampler per source), so a
+        # file and the same audio arriving in blocks give the same samples.
+        mono = resample_whole(mono, rate_hz, SAMPLE_RATE_HZ)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def to_mono(samples: np.ndarray, *, source: str = "audio",
+            select_channels: tuple[int, ...] | None = None) -> np.ndarray:
+    """(frames,) or (frames, channels) float or integer PCM -> (frames,) float32 mono, checked
+    finite; no resampling (a stream's own StreamResampler does that)."""
+    x = np.asarray(samples)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise AudioError(f"{source}: expected (frames, channels) audio, got shape {x.shape}")
+    if select_channels:
+        x = x[:, list(select_channels)]
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise AudioError(f"{source}: contains NaN or infinite samples")
+    return np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0], dtype=np.float32)
 
 
 def load_audio(path: str | Path) -> np.ndarray:
