@@ -16,11 +16,13 @@ import torch
 import torchaudio
 
 from monitor.errors import AudioError
+from monitor.resample import resample_whole
 
 SAMPLE_RATE_HZ = 16_000
 WINDOW_S = 10.0
 MIN_RATE_HZ = 8_000
 MAX_RATE_HZ = 48_000
+MIN_HOP_S = 0.01  # 160 samples; smaller hops only multiply work
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,29 @@ def to_mono_16k(samples: np.ndarray, rate_hz: int, *, source: str = "audio") -> 
         raise AudioError(f"{source}: contains NaN or infinite samples")
     mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if rate_hz != SAMPLE_RATE_HZ:
-        # Polyphase sinc resampling; torchaudio caches the kernel per (orig, new) pair.
-        mono = torchaudio.functional.resample(
-            torch.from_numpy(np.ascontiguousarray(mono)), rate_hz, SAMPLE_RATE_HZ
-        ).numpy()
+        # The same polyphase filter live streams use (one StreamResampler per source), so a
+        # file and the same audio arriving in blocks give the same samples.
+        mono = resample_whole(mono, rate_hz, SAMPLE_RATE_HZ)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def to_mono(samples: np.ndarray, *, source: str = "audio",
+            select_channels: tuple[int, ...] | None = None) -> np.ndarray:
+    """(frames,) or (frames, channels) float or integer PCM -> (frames,) float32 mono, checked
+    finite; no resampling (a stream's own StreamResampler does that)."""
+    x = np.asarray(samples)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise AudioError(f"{source}: expected (frames, channels) audio, got shape {x.shape}")
+    if select_channels:
+        x = x[:, list(select_channels)]
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise AudioError(f"{source}: contains NaN or infinite samples")
+    return np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0], dtype=np.float32)
 
 
 def load_audio(path: str | Path) -> np.ndarray:
@@ -97,6 +117,8 @@ def window_starts(n_samples: int, window_s: float = WINDOW_S, hop_s: float | Non
     """Start offsets of the windows `split_windows` returns for a clip of n_samples."""
     win = int(round(window_s * rate_hz))
     hop = int(round((hop_s or window_s) * rate_hz))
+    if hop < 1 or win < 1:
+        raise ValueError(f"window ({window_s} s) and hop ({hop_s} s) must be at least one sample")
     if n_samples <= win:
         return [0]
     starts = list(range(0, n_samples - win + 1, hop))
@@ -104,6 +126,18 @@ def window_starts(n_samples: int, window_s: float = WINDOW_S, hop_s: float | Non
     if n_samples - (starts[-1] + win) > win // 2:
         starts.append(n_samples - win)
     return starts
+
+
+def iter_windows(mono: np.ndarray, window_s: float = WINDOW_S, hop_s: float | None = None,
+                 rate_hz: int = SAMPLE_RATE_HZ):
+    """(start, window) pairs, the same windows as `split_windows`, one at a time (views into
+    `mono`, padded copies for short clips): memory stays one window whatever the hop."""
+    win = int(round(window_s * rate_hz))
+    if mono.shape[0] < win:
+        yield 0, split_windows(mono, window_s, hop_s, rate_hz)[0]
+        return
+    for start in window_starts(mono.shape[0], window_s, hop_s, rate_hz):
+        yield start, mono[start:start + win]
 
 
 def split_windows(mono: np.ndarray, window_s: float = WINDOW_S, hop_s: float | None = None,

@@ -114,6 +114,8 @@ class Detector:
                 scorers[cfg["name"]] = SCORERS[cfg["name"]].from_state(cfg, own)
         except KeyError as exc:
             raise ArtifactError(f"{where}: missing entry {exc} (artifact incomplete or corrupted)") from None
+        except (TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited entries
+            raise ArtifactError(f"{where}: invalid entry ({str(exc)[:200]}); artifact corrupted") from None
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
         if std.mean.shape[0] != encoder.embedding_dim:

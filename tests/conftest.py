@@ -61,3 +61,23 @@ def pytest_terminal_summary(terminalreporter):
     n = sum(1 for r in skipped if SHARED_SKIP_REASON in str(getattr(r, "longrepr", "")))
     if n:
         terminalreporter.write_line(f"{n} tests skipped: {SHARED_SKIP_REASON}", yellow=True)
+
+
+@pytest.fixture
+def mount_fs(tmp_path):
+    """mount_fs(size="1m", read_only=False) -> a path on a fresh tmpfs: a small disk that fills
+    up (real ENOSPC) or a read-only file system. Skips where mounting is not permitted."""
+    from tests.helpers import MountedFs
+
+    if not MountedFs.available(tmp_path / ".probe"):
+        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN (root); injected-error tests cover this")
+    mounts: list[MountedFs] = []
+
+    def make(size: str = "1m", read_only: bool = False) -> Path:
+        m = MountedFs(tmp_path / f"fs{len(mounts)}", size=size, read_only=read_only)
+        mounts.append(m)
+        return m.__enter__()
+
+    yield make
+    for m in reversed(mounts):
+        m.__exit__(None, None, None)

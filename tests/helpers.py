@@ -57,3 +57,33 @@ def harken(*args: str, cwd: Path | None = None, timeout: float = 300) -> subproc
                           text=True, cwd=cwd or REPO, timeout=timeout)
 
 
+
+
+class MountedFs:
+    """A tmpfs of a given size (ENOSPC when full) or read-only, at a test's path; unmounted on
+    exit. Needs CAP_SYS_ADMIN (root in a container); `available()` says whether it works here."""
+
+    def __init__(self, where: Path, *, size: str = "1m", read_only: bool = False):
+        self.path = Path(where)
+        self.options = f"size={size}" + (",ro" if read_only else "")
+        self.mounted = False
+
+    @staticmethod
+    def available(probe: Path) -> bool:
+        probe.mkdir(parents=True, exist_ok=True)
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+                            capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["umount", str(probe)], capture_output=True)
+        return ok
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", str(self.path)],
+                       check=True, capture_output=True)
+        self.mounted = True
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

@@ -7,6 +7,7 @@ safetensors files; nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ class EmbeddingCache:
         self.dir = Path(root) / f"{encoder_spec.get('name', 'encoder')}-{self.key}"
         self.hits = 0
         self.misses = 0
+        self.write_failed = False
         self.log = get_logger(stage="cache")
 
     def _path(self, digest: str) -> Path:
@@ -61,8 +63,19 @@ class EmbeddingCache:
 
     def put(self, digest: str, entry: dict[str, torch.Tensor]) -> None:
         """entry: "vectors" (windows, dim), optionally "maps" and "images"."""
+        if self.write_failed:
+            return
         path = self._path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous().cpu() for k, v in entry.items()}, str(tmp))
-        os.replace(tmp, path)  # readers never see a half-written entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous().cpu() for k, v in entry.items()}, str(tmp))
+            os.replace(tmp, path)  # readers never see a half-written entry
+        except (OSError, SafetensorError) as exc:
+            # A cache is an optimisation: a full disk or a read-only cache directory must not
+            # end a training run. Warn once and stop writing.
+            self.write_failed = True
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self.log.warning("cache_write_failed", dir=str(self.dir), error=str(exc)[:200],
+                             hint="training goes on without caching embeddings")

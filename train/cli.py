@@ -4,9 +4,13 @@ through `monitor.daemon.commands`, the runtime ones (`monitor` never imports `tr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -65,6 +69,9 @@ def cmd_train(args) -> int:
                             scorers=args.scorer, weights=args.weights, seed=args.seed,
                             embedding=args.embedding,
                             max_epochs=args.max_epochs, fine_tune=args.fine_tune or None)
+    from monitor.artifact import check_model_dir
+
+    check_model_dir(args.out)  # before hours of training, not after
     created = not Path(args.out).exists()
     _writable_dir(args.out, "model")
     try:
@@ -121,23 +128,49 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from monitor.audio import MIN_HOP_S
     from monitor.detector import Detector
-    from monitor.replay import replay
+    from monitor.labels import find_audio
+    from monitor.replay import check_output_path, replay
 
-    if args.hop_s is not None and args.hop_s <= 0:
-        raise UsageError(f"--hop-s must be > 0, got {args.hop_s}")
+    if args.hop_s is not None and not (math.isfinite(args.hop_s) and args.hop_s >= MIN_HOP_S):
+        raise UsageError(f"--hop-s must be a number >= {MIN_HOP_S} (seconds), got {args.hop_s}")
+    files = find_audio(args.dir)
+    to_file = bool(args.out) and args.out != "-"
+    if to_file:
+        check_output_path(args.out, files, model=args.model, what="replay output")
     detector = Detector.load(args.model, device=args.device, precision=args.precision)
-    if args.out and args.out != "-":
-        try:
-            f = open(args.out, "w")
-        except OSError as exc:
-            raise UsageError(f"{args.out}: cannot write the JSONL there ({exc.strerror or exc})") from None
-        with f:
-            summary = replay(detector, Path(args.dir), f, hop_s=args.hop_s, progress=_progress(args))
+    if to_file:
+        # Written next to its final name and renamed at the end: an earlier result is replaced
+        # only by a complete new one.
+        with atomic_text_file(args.out, "JSONL") as f:
+            summary = replay(detector, Path(args.dir), f, hop_s=args.hop_s, files=files,
+                             progress=_progress(args))
     else:
-        summary = replay(detector, Path(args.dir), sys.stdout, hop_s=args.hop_s)
+        summary = replay(detector, Path(args.dir), sys.stdout, hop_s=args.hop_s, files=files)
     get_logger(stage="replay").info("replay_done", **summary)
     return 0
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: str | Path, what: str):
+    """A text file written to a temporary sibling, fsynced and renamed onto `path` on success;
+    removed on failure (the old file, if any, stays)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        f = open(tmp, "w")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the {what} there ({exc.strerror or exc})") from None
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cmd_compare(args) -> int:
@@ -402,15 +435,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors of the machine's disks that the user fixes (space, quota, a read-only mount,
+# permissions): one line, exit 2, wherever they surface.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so every `finally` and clean-up runs as for
+    Ctrl-C (a half-written model or data set is removed)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    if args.command != "monitor":  # the daemon installs its own graceful-stop handler
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except HarkenError as exc:
         print(f"harken: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("harken: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("harken: interrupted", file=sys.stderr)
         return 130
@@ -419,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at devnull so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            get_logger().exception("unexpected_error", command=args.command)
+            return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "; free some space and run it again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"harken: error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
+        return 2
     except Exception:  # unexpected: keep the traceback for the bug report
         get_logger().exception("unexpected_error", command=args.command)
         return 1

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
+from monitor.audio import WINDOW_S
 from monitor.errors import UsageError
+from monitor.yamlsafe import load_yaml_file, short_repr
 
 THRESHOLD_METHODS = ("gamma", "quantile")
 FUSION_METHODS = ("mean", "max")
@@ -23,6 +24,11 @@ PRETRAINED_DEFAULT_SCORERS = ("mahalanobis",)
 
 def default_scorers(encoder: str) -> tuple[str, ...]:
     return DEFAULT_SCORERS.get(encoder, PRETRAINED_DEFAULT_SCORERS)
+
+
+# Every window of every clip is held as audio while it is embedded: a smaller hop on long clips
+# multiplies memory (a 10-minute clip at 0.01 s would be 38 GB).
+MIN_TRAIN_HOP_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,16 @@ class TrainConfig:
             bad("fine_tune_batch_size", f"must be >= 2 (the decoder has BatchNorm), got {self.fine_tune_batch_size}")
         if self.scorers is not None and not self.scorers:
             bad("scorers", "at least one scorer is needed (diag, mahalanobis, knn, recon)")
+        if self.hop_s is not None and not MIN_TRAIN_HOP_S <= self.hop_s <= WINDOW_S:
+            bad("hop_s", f"must be between {MIN_TRAIN_HOP_S} and {WINDOW_S:g} seconds (or "
+                         f"omitted: no overlap), got {self.hop_s}")
+        if not 0 < self.lr_factor < 1:
+            bad("lr_factor", f"must be in (0, 1), got {self.lr_factor}")
+        for key in ("lr_patience", "early_stop_patience"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.early_stop_min_delta < 0:
+            bad("early_stop_min_delta", f"must be >= 0, got {self.early_stop_min_delta}")
         return self
 
     @property
@@ -109,27 +125,35 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     values: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UsageError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        loaded = load_yaml_file(p) or {}  # bounded: size, depth, alias expansion
         if not isinstance(loaded, dict):
             raise UsageError(f"{p}: expected a mapping of training settings at the top level")
         section = loaded.get("train", loaded)
+        if not isinstance(section, dict):
+            raise UsageError(f"{p}: train: expected a mapping of training settings, got "
+                             f"{short_repr(section)}")
         known = {f.name for f in fields(TrainConfig)} - {"extra"}
         for key, value in section.items():
             if key not in known:
-                raise UsageError(f"{p}: train.{key}: unknown key; known keys: {', '.join(sorted(known))}")
+                raise UsageError(f"{p}: train.{short_repr(key, 60) if not isinstance(key, str) else key[:60]}: "
+                                 f"unknown key; known keys: {', '.join(sorted(known))}")
             values[key] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("scorers", "decoder_dims"):
         if key in values and values[key] is not None:
             v = values[key]
+            if not isinstance(v, (str, list, tuple)):
+                raise UsageError(f"{key}: expected a list, got {short_repr(v)}")
             values[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)
     if "decoder_dims" in values and values["decoder_dims"] is not None:
-        values["decoder_dims"] = tuple(int(x) for x in values["decoder_dims"])
+        dims = values["decoder_dims"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1_000_000
+                   for x in dims) or not 2 <= len(dims) <= 16:
+            raise UsageError(f"decoder_dims: expected 2-16 layer widths, integers in "
+                             f"1..1000000, got {short_repr(list(dims))}")
+        values["decoder_dims"] = tuple(int(x) for x in dims)
+    if "scorers" in values and not all(isinstance(x, str) for x in values["scorers"]):
+        raise UsageError(f"scorers: expected scorer names, got {short_repr(list(values['scorers']))}")
     try:
         cfg = replace(TrainConfig(), **values)
     except TypeError as exc:
@@ -147,4 +171,11 @@ def _check_types(cfg: TrainConfig) -> None:
         if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             continue
         if not isinstance(v, type(default)) or (isinstance(v, bool) and not isinstance(default, bool)):
-            raise UsageError(f"{f.name}: expected {type(default).__name__}, got {type(v).__name__} ({v!r})")
+            raise UsageError(f"{f.name}: expected {type(default).__name__}, got {type(v).__name__} "
+                             f"({short_repr(v)})")
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):  # .nan passes every `<=` check
+            raise UsageError(f"{f.name}: must be a finite number, got {v}")
+    if cfg.hop_s is not None and (isinstance(cfg.hop_s, bool) or not isinstance(cfg.hop_s, (int, float))):
+        raise UsageError(f"hop_s: expected a number of seconds, got {short_repr(cfg.hop_s)}")

@@ -306,8 +306,8 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
             "config": cfg.to_json(),
         },
     }
-    path = save_artifact(out, manifest, tensors)
-    Detector.load(path, device="cpu")  # round trip: what we wrote must load
+    # Round trip before it replaces anything: what we wrote must load.
+    path = save_artifact(out, manifest, tensors, verify=lambda p: Detector.load(p, device="cpu"))
     log.info("model_saved", path=str(path), threshold=round(threshold["value"], 6),
              epochs=len(history))
     return {"model": str(path), "threshold": threshold["value"], "epochs": len(history),

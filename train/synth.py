@@ -49,6 +49,7 @@ seeded from (seed, ID, split, index): the same arguments give byte-identical fil
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import shutil
@@ -564,6 +565,14 @@ class _PlannedClip:
     fault: str | None
 
 
+def _write_wav(path: Path, audio: np.ndarray) -> None:
+    """Encoded in memory, then written by Python: a full disk is an OSError with its errno
+    (libsndfile reports it only as "System error")."""
+    buf = io.BytesIO()
+    sf.write(buf, audio, FS, format="WAV", subtype="PCM_16")
+    path.write_bytes(buf.getvalue())
+
+
 def _check_args(ids, counts: dict, snr_db, seed) -> tuple[int, ...]:
     ids = tuple(ids) if ids is not None else ()
     if not ids:
@@ -617,19 +626,19 @@ def write_dataset(out, *, ids=(0, 1, 2), n_train: int = 100, n_test_normal: int 
     params = {mid: MachineParams.for_id(mid, seed) for mid in ids}
     log = get_logger(stage="synth")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "train").mkdir(parents=True)
-    (staging / "test").mkdir()
     rows = []
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "train").mkdir(parents=True)
+        (staging / "test").mkdir()
         for clip in tqdm(plan, unit="clip", desc="synth", disable=not progress, leave=False):
             rng = np.random.default_rng(clip_seed(seed, clip.machine_id, clip.split, clip.index))
             severity = float(rng.uniform(*SEVERITY_RANGE)) if clip.fault else 0.0
             audio = render_clip(params[clip.machine_id], clip.fault, severity, rng=rng,
                                 snr_db=float(snr_db))
-            sf.write(staging / clip.rel_path, audio, FS, subtype="PCM_16")
+            _write_wav(staging / clip.rel_path, audio)
             rows.append((clip.rel_path, clip.rel_path.split("/")[0],
                          "anomaly" if clip.fault else "normal", clip.machine_id,
                          clip.fault or "none", f"{severity:.3f}"))
@@ -640,6 +649,10 @@ def write_dataset(out, *, ids=(0, 1, 2), n_train: int = 100, n_test_normal: int 
         if out.exists():
             out.rmdir()  # checked empty above
         os.replace(staging, out)
+    except OSError as exc:  # a full disk, a read-only mount, no permission
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UsageError(f"{out}: cannot write the data set ({exc.strerror or exc}); nothing "
+                         "was written") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

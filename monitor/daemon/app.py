@@ -19,6 +19,7 @@ from pathlib import Path
 
 from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
+from monitor.daemon.event_worker import EventWorker
 from monitor.daemon.evidence import EvidenceStore
 from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue, percentile
 from monitor.daemon.metrics import DaemonMetrics
@@ -78,6 +79,7 @@ class Daemon:
         self._warn = RateLimitedWarning(self.log, every_s=60.0)
         self.queue = WindowQueue(config.queue_max_windows)
         self.worker: InferenceWorker | None = None
+        self.event_worker = EventWorker(self._emit_event)
         self.metrics: DaemonMetrics | None = None
         self.evidence: EvidenceStore | None = None
         self.events: deque[AlarmEvent] = deque(maxlen=1000)  # recent ones, for tests; bounded
@@ -151,7 +153,8 @@ class Daemon:
         if s.kind == "folder":
             from monitor.daemon.folder import FolderSource
 
-            return FolderSource(s, keep_silent=self.config.sensor_faults)
+            return FolderSource(s, keep_silent=self.config.sensor_faults,
+                                played_path=self.state_dir / "folders" / f"{s.id}.played.jsonl")
         if s.kind == "mic":
             from monitor.daemon.mic import MicSource
 
@@ -181,6 +184,7 @@ class Daemon:
             self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
             self.log.info("metrics_serving", host=self.config.metrics.host,
                           port=self.config.metrics.port)
+        self.event_worker.start()
         self.worker.start()
         started: list[Source] = []
         try:
@@ -192,6 +196,8 @@ class Daemon:
             for source in reversed(started):
                 source.stop()
             self.worker.stop_when_drained()
+            self.worker.join(timeout=30)
+            self.event_worker.stop_when_drained()
             self.publisher.stop()
             raise
         self._started_mono = time.monotonic()
@@ -238,6 +244,7 @@ class Daemon:
         if self.worker is not None and self.worker.ident is not None:
             self.worker.stop_when_drained()  # queued windows are still scored and published
             self.worker.join()
+        self.event_worker.stop_when_drained()  # then their events (and evidence) go out
         if self.publisher is not None and self.metrics is not None and self.worker is not None:
             self._update_source_states(final=True)
             self.publish_stats()
@@ -311,7 +318,11 @@ class Daemon:
                                "last_audio_age_s": round(self._audio_age_s(sid, now), 3),
                                "alarm": self.alarms[sid].on,
                                "scored": self.scored_by_source.get(sid, 0),
-                               "dropped": self.queue.dropped_by_source.get(sid, 0),
+                               # windows dropped by the inference queue plus what the
+                               # source itself had to drop (an MQTT inbox flood)
+                               "dropped": self.queue.dropped_by_source.get(sid, 0)
+                               + int(own[sid].get("dropped", 0)),
+                               "input_dropped": int(own[sid].get("dropped", 0)),
                                "overruns": overruns[sid],
                                "nonfinite": self.nonfinite_by_source.get(sid, 0),
                                # bad files (folder) or rejected payloads (mqtt)
@@ -323,6 +334,9 @@ class Daemon:
         return {"windows_produced": self.queue.produced, "windows_scored": self.worker.scored,
                 "windows_dropped": self.queue.dropped, "windows_failed": self.worker.failed,
                 "windows_publish_failed": self.worker.publish_failed,
+                "events_pending": self.event_worker.pending,
+                "evidence_dropped": self.event_worker.evidence_dropped,
+                "evidence_failed": self.event_worker.evidence_failed,
                 "windows_nonfinite": sum(self.nonfinite_by_source.values()),
                 "sensor_faults": sum(sum(f.episodes.values()) for f in self.sensor_faults.values()),
                 "outbox_pending": pub.get("outbox_pending"),
@@ -404,47 +418,55 @@ class Daemon:
         m.threshold.labels(w.source).set(sw.threshold)
         m.latency.observe(max(0.0, sw.scored_mono_s - w.ready_mono_s))
         for event in self.alarms[w.source].update(score):
-            if event.type == "start":
-                event = self._with_evidence(event, sw)
-            self.events.append(event)
-            self.publisher.publish_event(event)
-            if event.type == "start":
-                self.publisher.publish_alarm_state(w.source, True)
-                m.alarm.labels(w.source).set(1)
-                m.alarms.labels(w.source).inc()
-                self.log.warning("alarm_started", source=w.source, alarm_id=event.id,
-                                 score=round(sw.score, 6), threshold=sw.threshold, file=w.label)
-            elif event.type == "end":
-                self.publisher.publish_alarm_state(w.source, False)
-                m.alarm.labels(w.source).set(0)
-                self.log.warning("alarm_ended", source=w.source, alarm_id=event.id,
-                                 peak_score=round(event.peak_score, 6))
+            # Published in order on the event worker; a start gets its evidence there first,
+            # so the slow part never holds up scoring.
+            evidence = self._evidence_for(sw) if event.type == "start" and self.evidence else None
+            self.event_worker.submit(event, evidence, stop=self.shutdown)
+
+    def _emit_event(self, event: AlarmEvent) -> None:
+        """On the event worker: publish one event and what follows from it (alarm state,
+        metrics, the log line), in the order the events happened."""
+        assert self.publisher is not None and self.metrics is not None
+        m = self.metrics
+        self.events.append(event)
+        self.publisher.publish_event(event)
+        if event.type == "sensor_fault":
+            kind, state = event.detail["kind"], event.detail["state"]
+            if state == "start":
+                m.sensor_faults.labels(event.source, kind).inc()
+            self.log.warning("sensor_fault_started" if state == "start" else "sensor_fault_ended",
+                             source=event.source, kind=kind, fault_id=event.id,
+                             value=event.detail.get("value"), limit=event.detail.get("limit"))
+        elif event.type == "start":
+            self.publisher.publish_alarm_state(event.source, True)
+            m.alarm.labels(event.source).set(1)
+            m.alarms.labels(event.source).inc()
+            self.log.warning("alarm_started", source=event.source, alarm_id=event.id,
+                             score=round(event.peak_score, 6), threshold=event.threshold,
+                             file=event.detail.get("file"), clip=event.clip)
+        elif event.type == "end":
+            self.publisher.publish_alarm_state(event.source, False)
+            m.alarm.labels(event.source).set(0)
+            self.log.warning("alarm_ended", source=event.source, alarm_id=event.id,
+                             peak_score=round(event.peak_score, 6))
 
     def _publish_sensor_fault(self, event: AlarmEvent) -> None:
         """Through the same path (and MQTT outbox) as alarm events."""
-        assert self.publisher is not None and self.metrics is not None
-        self.events.append(event)
-        self.publisher.publish_event(event)
-        kind, state = event.detail["kind"], event.detail["state"]
-        if state == "start":
-            self.metrics.sensor_faults.labels(event.source, kind).inc()
-        self.log.warning("sensor_fault_started" if state == "start" else "sensor_fault_ended",
-                         source=event.source, kind=kind, fault_id=event.id,
-                         value=event.detail.get("value"), limit=event.detail.get("limit"))
+        self.event_worker.submit(event, stop=self.shutdown)
 
-    def _with_evidence(self, event: AlarmEvent, sw: ScoredWindow) -> AlarmEvent:
-        if self.evidence is None:
-            return event
+    def _evidence_for(self, sw: ScoredWindow):
+        """The evidence job for an alarm start (run on the event worker). Its failure (a full
+        disk, soundfile's LibsndfileError, a plotting error) is logged and counted there and
+        the event goes out without the files."""
         det = self.detectors[sw.model_key]
-        try:
+        store = self.evidence
+        assert store is not None
+
+        def save(event: AlarmEvent) -> AlarmEvent:
             log_mel = det.log_mel(sw.window.samples)
             error_map = det.error_map(sw.window.samples, sw.window.machine_id)
-            clip, image = self.evidence.save(
-                event.id, sw.window.samples, log_mel=log_mel, error_map=error_map,
-                title=f"{event.id}: score {sw.score:.4g} > {sw.threshold:.4g}")
-        except Exception as exc:  # noqa: BLE001 - evidence is best effort; the alarm event is not
-            # A full disk (OSError), soundfile's LibsndfileError (a RuntimeError), a plotting
-            # error: the event must still go out, without the files.
-            self.log.exception("evidence_failed", source=event.source, error=str(exc))
-            return event
-        return dataclasses.replace(event, clip=clip, image=image)
+            clip, image = store.save(event.id, sw.window.samples, log_mel=log_mel,
+                                     error_map=error_map,
+                                     title=f"{event.id}: score {sw.score:.4g} > {sw.threshold:.4g}")
+            return dataclasses.replace(event, clip=clip, image=image)
+        return save

@@ -29,17 +29,20 @@ def register(sub) -> None:
 
 
 def cmd_check_config(args) -> int:
-    from monitor.daemon.config import config_problems, read_yaml
+    from monitor.daemon.config import MAX_PROBLEMS_SHOWN, config_problems, read_yaml
 
     try:
         data = read_yaml(args.file)
     except UsageError as exc:
         print(f"harken: error: {exc}", file=sys.stderr)
         return 2
-    cfg, problems = config_problems(data, check_models=not args.no_models)
+    cfg, problems = config_problems(data, check_models=not args.no_models, check_files=True)
     if problems:
-        for p in problems:
+        for p in problems[:MAX_PROBLEMS_SHOWN]:
             print(f"{args.file}: {p}", file=sys.stderr)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            print(f"{args.file}: and {len(problems) - MAX_PROBLEMS_SHOWN} more problems",
+                  file=sys.stderr)
         return 2
     assert cfg is not None
     kinds = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sources)

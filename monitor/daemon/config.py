@@ -13,14 +13,14 @@ import math
 import os
 import re
 import socket
+import tempfile
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
 from monitor.errors import UsageError
+from monitor.yamlsafe import load_yaml_file, short_repr
 
 SOURCE_KINDS = ("folder", "mic", "mqtt")
 
@@ -138,13 +138,18 @@ AUDIO_FORMATS = ("s16le", "f32le")
 MQTT_MODES = ("stream", "window")
 
 
+MAX_PROBLEMS_SHOWN = 20
+
+
 class ConfigError(UsageError):
     """Every problem of a config file at once; `str()` joins them into the CLI's one line."""
 
     def __init__(self, where: str, problems: list[str]):
         self.where = where
         self.problems = list(problems)
-        super().__init__(f"{where}: " + "; ".join(self.problems))
+        shown = self.problems[:MAX_PROBLEMS_SHOWN]
+        more = len(self.problems) - len(shown)
+        super().__init__(f"{where}: " + "; ".join(shown) + (f"; and {more} more" if more else ""))
 
 
 def from_mapping(cls: type, data: object, path: str, problems: list[str]):
@@ -157,7 +162,8 @@ def from_mapping(cls: type, data: object, path: str, problems: list[str]):
     known = {f.name: f for f in fields(cls)}
     values: dict = {}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
+        shown = key if isinstance(key, str) and len(key) <= 60 else short_repr(key, 60)
+        where = f"{path}.{shown}" if path else str(shown)
         if key not in known:
             problems.append(f"{where}: unknown key (known: {', '.join(sorted(known))})")
             continue
@@ -194,11 +200,11 @@ def _convert(value: object, hint, path: str, problems: list[str]):
         if len(options) == 1:
             return _convert(value, options[0], path, problems)
         names = " or ".join(_type_name(a) for a in options)
-        problems.append(f"{path}: expected {names}, got {_kind(value)} ({value!r})")
+        problems.append(f"{path}: expected {names}, got {_kind(value)} ({short_repr(value)})")
         return None
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {_kind(value)} ({value!r})")
+            problems.append(f"{path}: expected a list, got {_kind(value)} ({short_repr(value)})")
             return None
         if len(args) == 2 and args[1] is Ellipsis:
             item_types = [args[0]] * len(value)
@@ -229,15 +235,15 @@ def _convert(value: object, hint, path: str, problems: list[str]):
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # YAML's .nan / .inf pass every `<` check silently
-                problems.append(f"{path}: must be a finite number, got {value!r}")
+                problems.append(f"{path}: must be a finite number, got {short_repr(value)}")
                 return None
             return float(value)
     elif hint is str:
         if isinstance(value, str):
             return value
     else:  # a field type this loader does not know: a bug in the schema, not in the YAML
-        raise TypeError(f"{path}: unsupported config field type {hint!r}")
-    problems.append(f"{path}: expected {_type_name(hint)}, got {_kind(value)} ({value!r})")
+        raise TypeError(f"{path}: unsupported config field type {short_repr(hint)}")
+    problems.append(f"{path}: expected {_type_name(hint)}, got {_kind(value)} ({short_repr(value)})")
     return None
 
 
@@ -266,10 +272,10 @@ def validate(cfg: DaemonConfig) -> list[str]:
             problems.append(f"{path}: {msg}")
 
     check(bool(SOURCE_ID.match(cfg.node)), "node",
-          f"must use only letters, digits, '_' and '-' (it is part of MQTT topics), got {cfg.node!r}")
-    check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+          f"must use only letters, digits, '_' and '-' (it is part of MQTT topics), got {short_repr(cfg.node)}")
+    check(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {short_repr(cfg.device)}")
     check(cfg.precision in PRECISIONS, "precision",
-          f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+          f"must be one of {', '.join(PRECISIONS)}, got {short_repr(cfg.precision)}")
     check(cfg.threads is None or cfg.threads >= 1, "threads", f"must be >= 1, got {cfg.threads}")
     check(cfg.queue_max_windows >= 1, "queue_max_windows", f"must be >= 1, got {cfg.queue_max_windows}")
     check(cfg.batch_max >= 1, "batch_max", f"must be >= 1, got {cfg.batch_max}")
@@ -285,15 +291,21 @@ def validate(cfg: DaemonConfig) -> list[str]:
         m = cfg.mqtt
         check(bool(m.host), "mqtt.host", "must not be empty")
         check(1 <= m.port <= 65535, "mqtt.port", f"must be in 1-65535, got {m.port}")
-        check(bool(m.topic_prefix) and not set("+#") & set(m.topic_prefix), "mqtt.topic_prefix",
-              f"must be non-empty without MQTT wildcards, got {m.topic_prefix!r}")
+        problems += _topic_problems(m.topic_prefix, "mqtt.topic_prefix", prefix=True)
+        if m.discovery:
+            problems += _topic_problems(m.discovery_prefix, "mqtt.discovery_prefix", prefix=True)
+        for key in ("client_id", "username"):
+            value = getattr(m, key)
+            if value is not None:
+                bad = _mqtt_string_problem(value)
+                check(bad is None, f"mqtt.{key}", f"{bad}, got {short_repr(value)}")
         check(m.keepalive_s >= 1, "mqtt.keepalive_s", f"must be >= 1, got {m.keepalive_s}")
         check(0 < m.reconnect_min_s <= m.reconnect_max_s, "mqtt.reconnect_min_s",
               f"must be > 0 and <= reconnect_max_s (got {m.reconnect_min_s} > {m.reconnect_max_s})"
               if m.reconnect_min_s > m.reconnect_max_s else f"must be > 0, got {m.reconnect_min_s}")
         check(m.outbox_max_events >= 1, "mqtt.outbox_max_events", f"must be >= 1, got {m.outbox_max_events}")
         if m.password_file is not None:
-            check(Path(m.password_file).is_file(), "mqtt.password_file", f"{m.password_file}: no such file")
+            check(Path(m.password_file).is_file(), "mqtt.password_file", f"{_clip(m.password_file)}: no such file")
     check(len(cfg.sources) >= 1, "sources", "at least one source is needed")
     seen: dict[str, int] = {}
     for i, s in enumerate(cfg.sources):
@@ -302,13 +314,13 @@ def validate(cfg: DaemonConfig) -> list[str]:
         p = f"sources[{i}]"
         if not SOURCE_ID.match(s.id):
             problems.append(f"{p}.id: must use only letters, digits, '_' and '-' (it is an MQTT "
-                            f"topic level), got {s.id!r}")
+                            f"topic level), got {short_repr(s.id)}")
         elif s.id in seen:
-            problems.append(f"{p}.id: {s.id!r} is already used by sources[{seen[s.id]}]")
+            problems.append(f"{p}.id: {short_repr(s.id)} is already used by sources[{seen[s.id]}]")
         else:
             seen[s.id] = i
         if s.kind not in SOURCE_KINDS:
-            problems.append(f"{p}.kind: unknown source kind {s.kind!r} (known: {', '.join(SOURCE_KINDS)})")
+            problems.append(f"{p}.kind: unknown source kind {short_repr(s.kind)} (known: {', '.join(SOURCE_KINDS)})")
         check(s.window_s > 0, f"{p}.window_s", f"must be > 0, got {s.window_s}")
         if s.hop_s <= 0:
             problems.append(f"{p}.hop_s: must be > 0, got {s.hop_s}")
@@ -322,15 +334,15 @@ def validate(cfg: DaemonConfig) -> list[str]:
             bad = [c for c in s.select_channels if not 0 <= c < s.channels]
             check(not bad and len(s.select_channels) > 0, f"{p}.select_channels",
                   f"channel numbers must be in 0..{s.channels - 1} (channels: {s.channels}), "
-                  f"got {list(s.select_channels)}")
+                  f"got {short_repr(list(s.select_channels))}")
         if s.rate_hz is not None:
             check(8000 <= s.rate_hz <= 48000, f"{p}.rate_hz", f"must be in 8000-48000, got {s.rate_hz}")
         if s.kind == "folder":
             if s.path is None:
                 problems.append(f"{p}.path: required for a folder source")
             elif not Path(s.path).is_dir():
-                problems.append(f"{p}.path: {s.path}: no such directory")
-            check(s.speed in SPEEDS, f"{p}.speed", f"must be one of {', '.join(SPEEDS)}, got {s.speed!r}")
+                problems.append(f"{p}.path: {_clip(s.path)}: no such directory")
+            check(s.speed in SPEEDS, f"{p}.speed", f"must be one of {', '.join(SPEEDS)}, got {short_repr(s.speed)}")
             check(s.poll_s > 0, f"{p}.poll_s", f"must be > 0, got {s.poll_s}")
         if s.kind == "mqtt":
             if cfg.mqtt is None:
@@ -338,10 +350,12 @@ def validate(cfg: DaemonConfig) -> list[str]:
             if not s.topic:
                 problems.append(f"{p}.topic: required for an mqtt source")
             elif set("+#") & set(s.topic):
-                problems.append(f"{p}.topic: must not contain MQTT wildcards, got {s.topic!r}")
+                problems.append(f"{p}.topic: must not contain MQTT wildcards, got {short_repr(s.topic)}")
+            else:
+                problems += _topic_problems(s.topic, f"{p}.topic", prefix=False)
             check(s.format in AUDIO_FORMATS, f"{p}.format",
-                  f"must be one of {', '.join(AUDIO_FORMATS)}, got {s.format!r}")
-            check(s.mode in MQTT_MODES, f"{p}.mode", f"must be one of {', '.join(MQTT_MODES)}, got {s.mode!r}")
+                  f"must be one of {', '.join(AUDIO_FORMATS)}, got {short_repr(s.format)}")
+            check(s.mode in MQTT_MODES, f"{p}.mode", f"must be one of {', '.join(MQTT_MODES)}, got {short_repr(s.mode)}")
             check(s.max_payload_bytes >= 1, f"{p}.max_payload_bytes", f"must be >= 1, got {s.max_payload_bytes}")
         if s.kind != "folder":
             for key, default in (("path", None), ("speed", "max"), ("watch", False)):
@@ -350,7 +364,70 @@ def validate(cfg: DaemonConfig) -> list[str]:
             check(s.device is None, f"{p}.device", "only a mic source takes this key")
         if s.kind != "mqtt":
             check(s.topic is None, f"{p}.topic", "only an mqtt source takes this key")
+    problems += _output_path_problems(cfg)
     return problems
+
+
+MQTT_MAX_STRING_BYTES = 65535
+PATH_SHOWN = 300  # characters of a path an error message prints
+
+
+def _clip(text: str, limit: int = PATH_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _mqtt_string_problem(value: str) -> str | None:
+    """Why `value` cannot be an MQTT string (topic, client id, user name), or None."""
+    if "\0" in value:
+        return "must not contain a NUL character"
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid text (it holds an unpaired surrogate)"
+    if len(encoded) > MQTT_MAX_STRING_BYTES:
+        return f"must be at most {MQTT_MAX_STRING_BYTES} bytes of UTF-8"
+    return None
+
+
+def _topic_problems(value: str, path: str, *, prefix: bool) -> list[str]:
+    """A topic prefix (levels joined by '/', each non-empty, no wildcards) or an exact topic."""
+    if not value:
+        return [f"{path}: must not be empty"]
+    bad = _mqtt_string_problem(value)
+    if bad is not None:
+        return [f"{path}: {bad}, got {short_repr(value)}"]
+    if prefix and set("+#") & set(value):
+        return [f"{path}: must be non-empty without MQTT wildcards, got {short_repr(value)}"]
+    if any(not level for level in value.split("/")):
+        return [f"{path}: {short_repr(value)} has an empty topic level"]
+    return []
+
+
+def _output_path_problems(cfg: DaemonConfig) -> list[str]:
+    """Outputs that would be read back as input: a JSONL sink with an audio file name (JSON
+    appended to a recording), or the evidence WAVs inside a watched folder (the daemon would
+    score its own evidence, alarm on it, and write more)."""
+    from monitor.labels import AUDIO_SUFFIXES
+
+    out: list[str] = []
+    if cfg.jsonl not in (None, "", "-") and Path(cfg.jsonl).suffix.lower() in AUDIO_SUFFIXES:
+        out.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} has an audio file name; the "
+                   "JSONL sink appends JSON lines, give it a .jsonl name")
+    state = resolve_state_dir(cfg)
+    for i, s in enumerate(cfg.sources):
+        if s is not None and s.kind == "folder" and s.watch and s.path and _within(state, Path(s.path)):
+            out.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)} is inside the watched "
+                       f"sources[{i}].path: alarm evidence (WAV) written there would be read "
+                       "back as recordings")
+    return out
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.absolute().resolve().relative_to(folder.absolute().resolve())
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
@@ -382,6 +459,8 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
         got = loaded[s.model]
         if isinstance(got, str):
             problems.append(f"sources[{i}].model: {got}")
+        elif (missing := _missing_weights(got)) is not None:
+            problems.append(f"sources[{i}].model: {missing}")
         elif int(got.get("sample_rate_hz", SAMPLE_RATE_HZ)) != SAMPLE_RATE_HZ:
             problems.append(f"sources[{i}].model: {s.model}/manifest.json: trained at "
                             f"{got['sample_rate_hz']} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
@@ -392,27 +471,88 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
     return problems
 
 
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{p}: config file not found")
+def _missing_weights(manifest: dict) -> str | None:
+    """The one-line error when a pretrained encoder's weights are not on this machine."""
+    from monitor.encoders.registry import PRETRAINED
+    from monitor.weights import locate
+
+    spec = manifest["encoder"]
+    if spec.get("name") not in PRETRAINED:
+        return None
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{p}: not a text file") from None
+        locate(spec["name"], spec.get("weights"))
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def read_yaml(path: str | Path) -> dict:
+    data = load_yaml_file(path)  # bounded: size, depth, alias expansion
     if not isinstance(data, dict):
-        raise UsageError(f"{p}: expected a mapping (node:, sources:, ...) at the top level")
+        raise UsageError(f"{path}: expected a mapping (node:, sources:, ...) at the top level")
     return data
 
 
-def config_problems(data: dict, *, check_models: bool = True) -> tuple[DaemonConfig | None, list[str]]:
+def file_problems(cfg: DaemonConfig) -> list[str]:
+    """What the daemon will write must be writable by this user, now: the state directory
+    (evidence, outbox, the folders' played lists) and the JSONL file. Otherwise the daemon
+    would fail after start and systemd would restart it in a loop."""
+    problems = []
+    state = resolve_state_dir(cfg)
+    why = _unwritable_dir(state)
+    if why:
+        env = " ($STATE_DIRECTORY)" if os.environ.get("STATE_DIRECTORY") else ""
+        problems.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)}{env}: {why}")
+    if cfg.jsonl not in (None, "", "-"):
+        jsonl = Path(cfg.jsonl)
+        if jsonl.is_dir():
+            problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} is a directory; name a file")
+        elif jsonl.exists():
+            try:
+                with open(jsonl, "ab"):
+                    pass  # opening for append changes nothing
+            except OSError as exc:
+                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot append to it "
+                                f"({exc.strerror or exc})")
+        else:
+            why = _unwritable_dir(jsonl.absolute().parent)
+            if why:
+                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot be created ({why})")
+    return problems
+
+
+def _unwritable_dir(path: Path) -> str | None:
+    """None when files can be created in `path` (or in the nearest existing parent, which the
+    daemon creates it under); else why not. A real probe: permissions, read-only mounts,
+    ACLs and root all answer correctly."""
+    probe_in = path
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            return "no existing parent directory"
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        return f"{short_repr(str(probe_in), PATH_SHOWN)} is not a directory"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".harken-check-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        where = "" if probe_in == path else f" (in {short_repr(str(probe_in), PATH_SHOWN)}, where it would be created)"
+        return f"not writable{where}: {exc.strerror or exc}"
+    return None
+
+
+def config_problems(data: dict, *, check_models: bool = True,
+                    check_files: bool = False) -> tuple[DaemonConfig | None, list[str]]:
+    """check_models: load every artifact (and look for pretrained weights); check_files:
+    the state directory and the JSONL file are writable here."""
     problems: list[str] = []
     cfg = from_mapping(DaemonConfig, data, "", problems)
     if cfg is None:
         return None, problems
     problems += validate(cfg)
+    if check_files and not problems:
+        problems += file_problems(cfg)
     if check_models and not problems:
         problems += model_problems(cfg)
     return (None if problems else cfg), problems
@@ -420,7 +560,8 @@ def config_problems(data: dict, *, check_models: bool = True) -> tuple[DaemonCon
 
 def load_config(path: str | Path, *, check_models: bool = True) -> DaemonConfig:
     """The YAML file as a validated DaemonConfig; ConfigError lists every problem at once."""
-    cfg, problems = config_problems(read_yaml(path), check_models=check_models)
+    cfg, problems = config_problems(read_yaml(path), check_models=check_models,
+                                    check_files=check_models)
     if problems or cfg is None:
         raise ConfigError(str(path), problems)
     return cfg

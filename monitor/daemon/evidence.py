@@ -3,6 +3,10 @@ reconstruction-error map where it has one), with count and byte retention."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +16,19 @@ import soundfile as sf
 from monitor.audio import SAMPLE_RATE_HZ
 from monitor.logs import get_logger
 from monitor.plots import save_evidence_png
+
+
+MAX_STEM_CHARS = 120  # file names stay far below NAME_MAX (255 bytes) whatever the alarm id
+
+
+def evidence_stem(alarm_id: str) -> str:
+    """A safe file stem for an alarm id: [A-Za-z0-9_.-], no leading dot, bounded length (a
+    long id keeps its start and gets a short hash, so different ids stay different)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", alarm_id).lstrip(".") or "alarm"
+    if len(stem) > MAX_STEM_CHARS:
+        digest = hashlib.sha256(alarm_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        stem = f"{stem[:MAX_STEM_CHARS - 13]}-{digest}"
+    return stem
 
 
 class EvidenceStore:
@@ -24,13 +41,32 @@ class EvidenceStore:
 
     def save(self, alarm_id: str, window: np.ndarray, *, log_mel: np.ndarray,
              error_map: np.ndarray | None, title: str = "") -> tuple[str, str]:
-        """Write `<alarm_id>.wav` and `<alarm_id>.png`; returns their paths."""
+        """Write `<alarm_id>.wav` and `<alarm_id>.png`; returns their paths.
+
+        Each file is written under a temporary name and renamed, so a reader never sees half a
+        file. Evidence already saved for this alarm id is kept, not rewritten: the same id
+        means the same audio (a restart re-scoring a recording must not replace it)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", alarm_id)
+        stem = evidence_stem(alarm_id)
         clip = self.root / f"{stem}.wav"
-        sf.write(clip, np.clip(window, -1.0, 1.0), SAMPLE_RATE_HZ, subtype="PCM_16")
-        image = save_evidence_png(self.root / f"{stem}.png", log_mel, error_map=error_map,
-                                  title=title)
+        image = self.root / f"{stem}.png"
+        if clip.is_file() and image.is_file():
+            self._log.info("evidence_exists", alarm_id=alarm_id, clip=str(clip))
+            return str(clip), str(image)
+        tmp_clip = self.root / f".{stem}.tmp.wav"
+        tmp_image = self.root / f".{stem}.tmp.png"
+        try:
+            buf = io.BytesIO()  # encoded in memory: a full disk is then an OSError with errno
+            sf.write(buf, np.clip(window, -1.0, 1.0), SAMPLE_RATE_HZ, format="WAV",
+                     subtype="PCM_16")
+            tmp_clip.write_bytes(buf.getvalue())
+            save_evidence_png(tmp_image, log_mel, error_map=error_map, title=title)
+            os.replace(tmp_clip, clip)
+            os.replace(tmp_image, image)
+        finally:
+            for tmp in (tmp_clip, tmp_image):
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
         self.enforce_retention()
         return str(clip), str(image)
 
@@ -38,7 +74,7 @@ class EvidenceStore:
         """Remove the oldest evidence sets until both limits hold."""
         sets: dict[str, list[Path]] = {}
         for p in self.root.glob("*"):
-            if p.suffix in (".wav", ".png") and p.is_file():
+            if p.suffix in (".wav", ".png") and not p.name.startswith(".") and p.is_file():
                 sets.setdefault(p.stem, []).append(p)
         ordered = sorted(sets.items(), key=lambda kv: (min(p.stat().st_mtime_ns for p in kv[1]), kv[0]))
         total = sum(p.stat().st_size for files in sets.values() for p in files)

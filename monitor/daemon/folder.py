@@ -15,14 +15,17 @@ playing resumes where it left off once it is back.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
-from monitor.audio import SAMPLE_RATE_HZ, load_audio, split_windows, window_starts
+from monitor.audio import SAMPLE_RATE_HZ, iter_windows, load_audio
 from monitor.daemon.config import SourceConfig
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.types import BlockSink, Window, WindowSink
@@ -31,16 +34,30 @@ from monitor.labels import AUDIO_SUFFIXES, parse_clip
 from monitor.logs import get_logger
 from monitor.replay import SILENCE_PEAK, SkipCounter
 
+MAX_FILE_S = 3600.0  # longer files are skipped (counted): each is read whole into memory
 MISSING_BACKOFF_MAX_S = 30.0  # a vanished watched folder is looked for at most this far apart
+
+
+def _header_seconds(path: Path) -> float | None:
+    """Duration the file's header claims, or None when it has no readable header (the full
+    read then reports why)."""
+    try:
+        info = sf.info(str(path))
+        return info.frames / info.samplerate if info.samplerate > 0 else None
+    except (RuntimeError, ValueError, OSError, TypeError):  # LibsndfileError is a RuntimeError
+        return None
 
 
 class FolderSource:
     def __init__(self, config: SourceConfig, *, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 wait: Callable[[float], bool] | None = None, keep_silent: bool = False):
+                 wait: Callable[[float], bool] | None = None, keep_silent: bool = False,
+                 played_path: Path | None = None):
         """`clock`/`wait` are injectable so tests can check real-time pacing without sleeping:
         wait(seconds) returns True when the source was stopped meanwhile. `keep_silent` plays
-        all-zero files too (the daemon's sensor-fault check wants to see them)."""
+        all-zero files too (the daemon's sensor-fault check wants to see them).
+        `played_path` (watch mode): where the files already played are remembered across
+        restarts, so a restart does not score a whole drop directory again."""
         self.id = config.id
         self.config = config
         self.root = Path(config.path or ".")
@@ -66,6 +83,7 @@ class FolderSource:
         self.waits_s: list[float] = []  # pacing waits, for tests and benchmarks
         self.last_audio_mono_s: float | None = None
         self.error: str | None = None
+        self.played = PlayedFiles(played_path, self.root) if played_path and config.watch else None
 
     # ------------------------------------------------------------------ Source protocol
 
@@ -100,6 +118,8 @@ class FolderSource:
         log = get_logger()
         log.info("source_started", kind="folder", path=str(self.root), speed=self.config.speed,
                  watch=self.config.watch)
+        if self.played is not None:
+            self.played.load(log)
         try:
             while not self._stop.is_set():
                 if self.config.watch and not self._root_present(log):
@@ -109,9 +129,17 @@ class FolderSource:
                 for path in self._ready_files():
                     if self._stop.is_set():
                         break
-                    self._play(path, log)
+                    if self.played is not None and self.played.seen(path):
+                        self._done.add(path)  # played before a restart: not again
+                        self._sizes.pop(path, None)
+                        self.skipped_by_reason["played_before"] = (
+                            self.skipped_by_reason.get("played_before", 0) + 1)
+                        continue
+                    completed = self._play(path, log)
                     self._done.add(path)
                     self._sizes.pop(path, None)
+                    if self.played is not None and completed:
+                        self.played.add(path, log)
                 if not self.config.watch or self._stop.is_set():
                     break
                 if self._wait(self.config.poll_s):
@@ -175,6 +203,14 @@ class FolderSource:
 
     def _load(self, path: Path) -> np.ndarray | None:
         """16 kHz mono audio, or None (counted, warned at a limited rate) for a bad file."""
+        seconds = _header_seconds(path)
+        if seconds is not None and seconds > MAX_FILE_S:
+            # A whole file is read into memory: a day-long recording (or a lying header)
+            # dropped into the folder must not take the daemon's memory with it.
+            self.skips.unreadable += 1
+            self._skip(path, "too_long", f"{path}: {seconds:.0f} s of audio is more than "
+                       f"{MAX_FILE_S:.0f} s; split it into shorter files")
+            return None
         try:
             mono = load_audio(path)
         except AudioError as exc:
@@ -191,15 +227,15 @@ class FolderSource:
             return None
         return mono
 
-    def _play(self, path: Path, log) -> None:
+    def _play(self, path: Path, log) -> bool:
+        """Hand the file's windows on; True when it was dealt with completely (played, or
+        skipped as unusable), False when a stop interrupted it."""
         mono = self._load(path)
         self.files += 1
         if mono is None:
-            return
+            return True
         cfg = self.config
         win = int(round(cfg.window_s * SAMPLE_RATE_HZ))
-        starts = window_starts(len(mono), cfg.window_s, cfg.hop_s)
-        windows = split_windows(mono, cfg.window_s, cfg.hop_s)
         now = self._wall()
         if self._timeline_s is None:
             self._timeline_s = now
@@ -216,7 +252,9 @@ class FolderSource:
         self._timeline_s = self._files_end_s = file_t0 + duration_s
         machine_id = cfg.machine_id if cfg.machine_id is not None else parse_clip(path).machine_id
         play_mono = self._clock()
-        for start, samples in zip(starts, windows):
+        # One window at a time (views into the file): a long file at a small hop never
+        # exists as all its windows at once.
+        for start, view in iter_windows(mono, cfg.window_s, cfg.hop_s):
             if cfg.speed == "realtime":
                 # A window is ready when its last sample would have been captured.
                 due = play_mono + (start + win) / SAMPLE_RATE_HZ / cfg.time_scale
@@ -224,12 +262,94 @@ class FolderSource:
                 if delay > 0:
                     self.waits_s.append(delay)
                     if self._wait(delay):
-                        return
+                        return False
             if self._stop.is_set():
-                return
+                return False
+            samples = np.array(view, dtype=np.float32)  # its own copy: the file is released
             self.last_audio_mono_s = self._clock()
             self.windows += 1
             self._on_window(Window(source=self.id, samples=samples,
                                    start_time_s=file_t0 + start / SAMPLE_RATE_HZ,
                                    duration_s=cfg.window_s, ready_mono_s=self.last_audio_mono_s,
                                    label=str(path), machine_id=machine_id))
+        return True
+
+
+class PlayedFiles:
+    """The files a watched folder has played, remembered in the state directory.
+
+    An append-only journal of JSON lines (path relative to the folder, size, mtime in ns), one
+    per file, fsynced: a crash loses at most the file being played. A file replaced under the
+    same name (other size or mtime) is new and played. On load the journal is compacted to the
+    files still in the folder (atomic replace), so it stays as large as the folder, not as its
+    history. Writing trouble (a full disk) is warned about once; playing goes on.
+    """
+
+    def __init__(self, path: Path, root: Path):
+        self.path = Path(path)
+        self.root = root
+        self._known: dict[str, tuple[int, int]] = {}
+        self._failed = False
+
+    def _key(self, p: Path) -> tuple[str, tuple[int, int]] | None:
+        try:
+            st = p.stat()
+            rel = str(p.relative_to(self.root))
+        except (OSError, ValueError):
+            return None
+        return rel, (st.st_size, st.st_mtime_ns)
+
+    def load(self, log) -> None:
+        try:
+            lines = self.path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("played_list_unreadable", path=str(self.path), error=str(exc))
+            return
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                self._known[str(rec["p"])] = (int(rec["s"]), int(rec["m"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+        present = {rel: sig for rel, sig in self._known.items() if (self.root / rel).exists()}
+        if len(present) < len(self._known):
+            self._known = present
+            self._rewrite(log)
+        log.info("played_list_loaded", path=str(self.path), files=len(self._known))
+
+    def seen(self, p: Path) -> bool:
+        key = self._key(p)
+        return key is not None and self._known.get(key[0]) == key[1]
+
+    def add(self, p: Path, log) -> None:
+        key = self._key(p)
+        if key is None:
+            return
+        self._known[key[0]] = key[1]
+        if self._failed:
+            return
+        line = json.dumps({"p": key[0], "s": key[1][0], "m": key[1][1]}) + "\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self._failed = True
+            log.warning("played_list_write_failed", path=str(self.path), error=str(exc),
+                        hint="after a restart, files played since may be played again")
+
+    def _rewrite(self, log) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                for rel, (size, mtime) in self._known.items():
+                    f.write(json.dumps({"p": rel, "s": size, "m": mtime}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("played_list_write_failed", path=str(self.path), error=str(exc))

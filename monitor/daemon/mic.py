@@ -15,11 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from monitor.audio import SAMPLE_RATE_HZ, to_mono_16k
+from monitor.audio import SAMPLE_RATE_HZ, to_mono
 from monitor.daemon.config import SourceConfig
 from monitor.daemon.types import AudioBlock, BlockSink, WindowSink
 from monitor.errors import UsageError
 from monitor.logs import get_logger
+from monitor.resample import StreamResampler
 
 BLOCK_S = 0.1
 QUEUE_BLOCKS = 100  # 10 s of audio between the callback and the reader thread
@@ -57,6 +58,33 @@ def find_input_device(device: str | int | None, devices: list[dict], *, source: 
                      f"{', '.join(str(m) for m in matches)}; inputs: {names})")
 
 
+# PortAudio lists devices once, when it is initialised: a device plugged in later is seen only
+# after re-initialising it, which is safe only while no stream of this process is open.
+_PORTAUDIO_LOCK = threading.Lock()
+_open_streams = 0
+
+
+def _count_open(delta: int) -> None:
+    global _open_streams
+    with _PORTAUDIO_LOCK:
+        _open_streams += delta
+
+
+def _rescan_portaudio() -> None:
+    sd = _sounddevice()
+    with _PORTAUDIO_LOCK:
+        if _open_streams > 0:
+            return  # another mic is running: it would be cut off; its list is what we get
+        terminate, initialize = getattr(sd, "_terminate", None), getattr(sd, "_initialize", None)
+        if terminate is None or initialize is None:
+            return
+        try:
+            terminate()
+            initialize()
+        except Exception as exc:  # noqa: BLE001 - PortAudioError; the lookup then reports it
+            get_logger(stage="source").warning("portaudio_rescan_failed", error=str(exc))
+
+
 class MicSource:
     def __init__(self, config: SourceConfig, *, query_devices: Callable[[], list] | None = None,
                  stream_factory: Callable[..., object] | None = None,
@@ -79,25 +107,50 @@ class MicSource:
         self._gap = True  # the next block starts a new stream
         self.device_index: int | None = None
         self.rate_hz = config.rate_hz or SAMPLE_RATE_HZ
+        self._resampler = StreamResampler(self.rate_hz, SAMPLE_RATE_HZ)
         self.overruns = 0
         self.blocks = 0
         self.reopens = 0
         self.reopen_failures = 0
         self.last_audio_mono_s: float | None = None
+        self.last_error: str | None = None  # why the device is not open, while stalled
         self.state = "starting"
 
     # ------------------------------------------------------------------ Source protocol
 
     def start(self, on_block: BlockSink, on_window: WindowSink) -> None:
+        if self._query_devices is None or self._stream_factory is None:
+            _sounddevice()  # no PortAudio at all is a broken install: that one fails loudly
+        self._on_block = on_block
+        try:
+            self._find_and_open(rescan=False)
+        except UsageError as exc:
+            # A USB device often appears seconds after boot, after harken: retry it as a device
+            # lost at run time, with back-off, instead of exiting (systemd would not retry).
+            self.state = "stalled"
+            self.last_error = str(exc)
+            get_logger(stage="source", source=self.id).warning(
+                "mic_not_available", error=str(exc), retry_in_s=self._backoff[0],
+                hint="retrying with back-off until the device appears")
+        self._thread = threading.Thread(target=self._read, name=f"harken-mic-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _find_and_open(self, *, rescan: bool) -> None:
+        """Look the device up (by name: its index may change when it is plugged in again) and
+        open it; UsageError naming the device when it is not there or does not open."""
         query = self._query_devices
         if query is None:
             query = _sounddevice().query_devices
-        devices = list(query())
+            if rescan:
+                _rescan_portaudio()
+        try:
+            devices = list(query())
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PortAudioError while the host API re-scans
+            raise UsageError(f"source {self.id}: cannot list audio devices ({exc})") from None
         self.device_index = find_input_device(self.config.device, devices, source=self.id)
-        self._on_block = on_block
-        self._open()  # the first open fails loudly: a wrong device is a configuration error
-        self._thread = threading.Thread(target=self._read, name=f"harken-mic-{self.id}", daemon=True)
-        self._thread.start()
+        self._open()
 
     def stop(self) -> None:
         self._stop.set()
@@ -114,7 +167,7 @@ class MicSource:
         return {"state": self.state, "kind": "mic", "device": self.device_index,
                 "blocks": self.blocks, "overruns": self.overruns, "reopens": self.reopens,
                 "reopen_failures": self.reopen_failures,
-                "last_audio_mono_s": self.last_audio_mono_s}
+                "last_audio_mono_s": self.last_audio_mono_s, "last_error": self.last_error}
 
     # ------------------------------------------------------------------ PortAudio side
 
@@ -122,24 +175,34 @@ class MicSource:
         factory = self._stream_factory
         if factory is None:
             factory = _sounddevice().InputStream
+        stream = None
         try:
-            self._stream = factory(device=self.device_index, samplerate=self.rate_hz,
-                                   channels=self.config.channels, dtype="float32",
-                                   blocksize=int(self.rate_hz * BLOCK_S), callback=self._callback)
-            self._stream.start()
+            stream = factory(device=self.device_index, samplerate=self.rate_hz,
+                             channels=self.config.channels, dtype="float32",
+                             blocksize=int(self.rate_hz * BLOCK_S), callback=self._callback)
+            stream.start()
+            self._stream = stream
         except UsageError:
             raise
         except Exception as exc:  # noqa: BLE001 - PortAudioError and friends, named for the user
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as close_exc:  # noqa: BLE001 - it never opened
+                    get_logger(stage="source", source=self.id).debug(
+                        "mic_close_failed", error=str(close_exc))
             raise UsageError(f"source {self.id}: cannot open mic device "
                              f"{self.config.device if self.config.device is not None else '(default)'}"
                              f" at {self.rate_hz} Hz x {self.config.channels} ch: {exc}") from None
         self._stream_to_wall_s = self._wall() - float(getattr(self._stream, "time", 0.0) or 0.0)
         self._gap = True
         self.state = "running"
+        _count_open(+1)
 
     def _close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
+            _count_open(-1)
             try:
                 stream.stop()
                 stream.close()
@@ -193,11 +256,13 @@ class MicSource:
         if self._stop.wait(delay):
             return
         try:
-            self._open()
+            self._find_and_open(rescan=True)
             self.reopens += 1
-            log.info("mic_stream_reopened")
+            self.last_error = None
+            log.info("mic_stream_reopened", device=self.device_index)
         except UsageError as exc:
             self.reopen_failures += 1
+            self.last_error = str(exc)
             log.warning("mic_reopen_failed", error=str(exc), retry_in_s=min(
                 delay * 2, self._backoff[1]))
 
@@ -209,10 +274,13 @@ class MicSource:
             start = adc_s + self._stream_to_wall_s
         else:  # some host APIs report no ADC time: estimate from the arrival time
             start = self._wall() - frames / self.rate_hz
-        # Rates other than 16 kHz are resampled per 0.1 s block; the filter's
-        # edges at block boundaries cost a little accuracy, so 16 kHz devices are preferred.
-        mono = to_mono_16k(x, self.rate_hz, source=f"mic {self.id}")
         gap, self._gap = self._gap, False
+        if gap:
+            self._resampler.reset()  # a new stream: nothing is filtered across the gap
+        # One stateful resampler for the stream: the 0.1-s blocks come out exactly as the
+        # whole recording resampled at once would (no artefact at block edges).
+        start -= self._resampler.lag_s
+        mono = self._resampler.push(to_mono(x, source=f"mic {self.id}"))
         self.blocks += 1
         self.last_audio_mono_s = time.monotonic()
         self._on_block(AudioBlock(source=self.id, samples=mono, start_time_s=start,

@@ -10,7 +10,7 @@ import numpy as np
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from monitor.audio import split_windows, to_mono_16k
+from monitor.audio import iter_windows, to_mono, to_mono_16k
 from monitor.daemon import pcm
 from monitor.daemon.config import MqttConfig, SourceConfig
 from monitor.daemon.mqtt_publisher import (RateLimitedWarning, check_subscription_topic,
@@ -18,6 +18,12 @@ from monitor.daemon.mqtt_publisher import (RateLimitedWarning, check_subscriptio
 from monitor.daemon.types import AudioBlock, BlockSink, Window, WindowSink
 from monitor.errors import AudioError, UsageError
 from monitor.logs import get_logger
+from monitor.resample import StreamResampler
+
+# A seq this far below the last one is not a late chunk but a new count: the sender restarted
+# (or the last seq was bogus). Late chunks arrive within a few messages of their place.
+SEQ_REORDER_WINDOW = 64
+QUEUE_MAX_BYTES = 64 << 20  # payloads waiting for the decoding worker, whatever their count
 
 
 class MqttAudioSource:
@@ -25,7 +31,8 @@ class MqttAudioSource:
     (`mode: window`). The subscription is fixed at start; payloads are untrusted."""
 
     def __init__(self, config: SourceConfig, mqtt: MqttConfig, *, node: str,
-                 password: str | None, stall_after_s: float = 10.0, queue_max: int = 256):
+                 password: str | None, stall_after_s: float = 10.0, queue_max: int = 256,
+                 queue_max_bytes: int = QUEUE_MAX_BYTES):
         self.id = check_topic_part(config.id, "source id")
         where = f"sources[{config.id}]"
         self.topic = check_subscription_topic(config.topic, f"{where}.topic")
@@ -58,6 +65,11 @@ class MqttAudioSource:
         self._client.on_message = self._on_message
         self._mqtt = mqtt
         self._inbox: queue.Queue = queue.Queue(maxsize=queue_max)
+        # Bytes in the inbox = bytes put (paho thread) - bytes taken (worker): one writer each.
+        self._queue_max_bytes = queue_max_bytes
+        self._bytes_put = 0
+        self._bytes_taken = 0
+        self._resampler = StreamResampler(self.rate_hz, 16_000)  # stream mode: one per source
         self._shutdown = threading.Event()
         self._connected = threading.Event()
         self._worker: threading.Thread | None = None
@@ -104,7 +116,8 @@ class MqttAudioSource:
         age = None if self._last_audio_mono is None else round(now - self._last_audio_mono, 3)
         stalled = ref is not None and now - ref > self.stall_after_s
         return {"state": "stalled" if stalled else "running", "connected": self._connected.is_set(),
-                "last_audio_age_s": age, **self._counts, "rejected": dict(self._rejected)}
+                "last_audio_age_s": age, "last_audio_mono_s": self._last_audio_mono,
+                **self._counts, "rejected": dict(self._rejected)}
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -134,9 +147,13 @@ class MqttAudioSource:
         props = getattr(message.properties, "UserProperty", None) if message.properties else None
         # A message dropped here (or a disconnect) breaks the stream before the NEXT queued
         # message, so the flag travels with it; the worker may still hold older, contiguous ones.
-        item = (bytes(message.payload), list(props or ()), time.time(), self._pending_break)
+        payload = bytes(message.payload)
+        item = (payload, list(props or ()), time.time(), self._pending_break)
         try:
+            if self._bytes_put - self._bytes_taken + len(payload) > self._queue_max_bytes:
+                raise queue.Full  # a flood of large payloads: bounded in bytes too
             self._inbox.put_nowait(item)
+            self._bytes_put += len(payload)
             self._pending_break = False
         except queue.Full:
             self._counts["dropped"] += 1
@@ -151,6 +168,7 @@ class MqttAudioSource:
                 payload, props, arrival_s, broken_before = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._bytes_taken += len(payload)
             if broken_before:
                 self._broken = True
             self._counts["messages"] += 1
@@ -179,8 +197,10 @@ class MqttAudioSource:
         discontinuity = self._broken
         if seq is not None:
             last = self._last_seq
-            if last is not None and seq == 0 and last != 0:
-                self._counts["restarts"] += 1  # the sender restarted its counter
+            if last is not None and seq < last - SEQ_REORDER_WINDOW or (seq == 0 and last not in (None, 0)):
+                # Far behind (or back to 0): a new count, not a late chunk. Dropping every
+                # chunk as "late" until the count caught up would silence the source.
+                self._counts["restarts"] += 1
                 discontinuity = True
             elif last is not None and seq <= last:
                 self._counts["late"] += 1
@@ -191,10 +211,15 @@ class MqttAudioSource:
         frames = pcm.decode_pcm(payload, format=self.config.format, channels=self.config.channels,
                                 select_channels=self.config.select_channels,
                                 max_payload_bytes=self.config.max_payload_bytes)
-        mono = to_mono_16k(frames, self.rate_hz, source=self.id)
+        x = to_mono(frames, source=self.id)
         if seq is not None:
             self._last_seq = seq
         start_s = ts if ts is not None else arrival_s - frames.shape[0] / self.rate_hz
+        if discontinuity:
+            self._resampler.reset()  # nothing is filtered across a gap
+        # The resampler holds back a few input samples: its output starts that much earlier.
+        start_s -= self._resampler.lag_s
+        mono = self._resampler.push(x)
         self._broken = False
         self._last_audio_mono = time.monotonic()
         self._counts["blocks"] += 1
@@ -205,7 +230,8 @@ class MqttAudioSource:
         _, ts = pcm.parse_user_properties(props)
         samples, rate_hz = pcm.decode_wav(payload, max_payload_bytes=self.config.max_payload_bytes)
         mono = to_mono_16k(samples, rate_hz, source=self.id)
-        window = split_windows(mono, self.config.window_s, self.config.hop_s)[0]
+        # Only the first window is used: never cut the clip into all of its windows.
+        _, window = next(iter_windows(mono, self.config.window_s, self.config.hop_s))
         start_s = ts if ts is not None else arrival_s - samples.shape[0] / rate_hz
         self._last_audio_mono = time.monotonic()
         self._counts["windows"] += 1

@@ -91,8 +91,15 @@ def decode_wav(payload: bytes, *, max_payload_bytes: int) -> tuple[np.ndarray, i
     return samples, rate_hz
 
 
+MAX_SEQ = 2**63 - 1  # a sender's 64-bit counter
+# Capture times are epoch seconds: 1e300 would make a 300-digit alarm id and file name.
+MAX_TS = 4_102_444_800.0  # 2100-01-01
+
+
 def parse_user_properties(pairs) -> tuple[int | None, float | None]:
-    """MQTT v5 user properties [(name, value), ...] -> (seq, ts); absent ones are None."""
+    """MQTT v5 user properties [(name, value), ...] -> (seq, ts); absent ones are None.
+
+    seq: an integer in 0..2^63-1; ts: epoch seconds in 0..MAX_TS (year 2100)."""
     seq: int | None = None
     ts: float | None = None
     for name, value in pairs or ():
@@ -100,16 +107,20 @@ def parse_user_properties(pairs) -> tuple[int | None, float | None]:
             try:
                 seq = int(value)
             except (TypeError, ValueError):
-                raise PayloadError("bad_property", f"user property seq={value!r} is not an integer") from None
-            if seq < 0:
-                raise PayloadError("bad_property", f"user property seq={seq} is negative")
+                raise PayloadError("bad_property", f"user property seq={str(value)[:40]!r} is not an "
+                                   "integer") from None
+            if not 0 <= seq <= MAX_SEQ:
+                raise PayloadError("bad_property", f"user property seq={str(value)[:40]} is "
+                                   "outside 0..2^63-1")
         elif name == "ts":
             try:
                 ts = float(value)
             except (TypeError, ValueError):
-                raise PayloadError("bad_property", f"user property ts={value!r} is not a number") from None
-            if not math.isfinite(ts) or ts < 0:
-                raise PayloadError("bad_property", f"user property ts={value!r} is not a valid time")
+                raise PayloadError("bad_property", f"user property ts={str(value)[:40]!r} is not a "
+                                   "number") from None
+            if not (math.isfinite(ts) and 0 <= ts <= MAX_TS):
+                raise PayloadError("bad_property", f"user property ts={str(value)[:40]!r} is not a "
+                                   "capture time (epoch seconds up to the year 2100)")
     return seq, ts
 
 

@@ -120,6 +120,7 @@ def test_load_config_raises_one_error_with_all_problems(tmp_path):
 
 def test_example_config_passes_check_config(tmp_path, tiny_model):
     data = yaml.safe_load((REPO / "config" / "harken.example.yaml").read_text())
+    data["state_dir"] = str(tmp_path / "state")  # /var/lib/harken is the service's, not ours
     for s in data["sources"]:
         s["model"] = str(tiny_model)
         if s["kind"] == "folder":

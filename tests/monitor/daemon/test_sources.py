@@ -175,22 +175,74 @@ def test_folder_source_scores_equal_harken_replay_scores(tone_data, tiny_model, 
                        node="t", device="cpu", state_dir=str(tmp_path / "state"))
     Daemon(cfg, publisher=pub).run()
     assert [Path(s.label).name for s in pub.scores] == [Path(r["file"]).name for r in expected]
-    assert [s.score for s in pub.scores] == [r["score"] for r in expected]
+    # Equal up to float rounding: the daemon batches whatever is queued, replay 16 at a time,
+    # and a matrix product of another batch size may round differently in the last bits.
+    assert [s.score for s in pub.scores] == pytest.approx([r["score"] for r in expected], rel=1e-5)
     assert len(expected) == 6 + 4 + 1  # 27 s at a 5-s hop: 0, 5, 10, 15; 3 s: one padded
 
 
 # --------------------------------------------------------------------------- mic
 
 
-def test_mic_with_no_sound_card_names_the_device():
+def test_mic_with_no_sound_card_names_the_device_and_keeps_retrying():
     import sounddevice
 
     assert len(sounddevice.query_devices()) == 0  # this machine has none; the test relies on it
-    src = MicSource(SourceConfig(id="pump1", kind="mic", model="m", device="USB Audio"))
-    with pytest.raises(UsageError) as err:
-        src.start(lambda b: None, lambda w: None)
-    assert "pump1" in str(err.value) and "USB Audio" in str(err.value)
-    assert "no audio input devices" in str(err.value)
+    src = MicSource(SourceConfig(id="pump1", kind="mic", model="m", device="USB Audio"),
+                    reopen_backoff_s=(0.05, 0.1))
+    src.start(lambda b: None, lambda w: None)  # no exit: the device may appear later
+    try:
+        st = src.status()
+        assert st["state"] == "stalled"
+        assert "pump1" in st["last_error"] and "USB Audio" in st["last_error"]
+        assert "no audio input devices" in st["last_error"]
+        for _ in range(500):  # a few retries (real PortAudio re-scans in between)
+            if src.reopen_failures >= 2:
+                break
+            src._stop.wait(0.01)
+        assert src.reopen_failures >= 2 and src.status()["state"] == "stalled"
+    finally:
+        src.stop()
+
+
+def test_a_mic_missing_at_start_is_opened_once_it_appears():
+    """USB sound cards often appear after harken has started at boot."""
+    present = {"now": False}
+    streams = []
+
+    def query():
+        return DEVICES if present["now"] else [DEVICES[1]]  # HDMI only: no input yet
+
+    def factory(**kw):
+        streams.append(FakeStream(**kw))
+        return streams[-1]
+
+    src = MicSource(SourceConfig(id="m", kind="mic", model="m", device="USB Audio"),
+                    query_devices=query, stream_factory=factory, reopen_backoff_s=(0.02, 0.05))
+    blocks = []
+    src.start(blocks.append, lambda w: None)
+    try:
+        assert src.status()["state"] == "stalled" and streams == []
+        for _ in range(300):
+            if src.reopen_failures >= 2:
+                break
+            src._stop.wait(0.01)
+        present["now"] = True
+        for _ in range(500):
+            if streams:
+                break
+            src._stop.wait(0.01)
+        assert streams and streams[0].kwargs["device"] == 2  # found by name once it appeared
+        assert src.status()["state"] == "running" and src.status()["last_error"] is None
+        streams[0].callback(np.zeros((1600, 1), np.float32), 1600,
+                            SimpleNamespace(inputBufferAdcTime=0.0), None)
+        for _ in range(500):
+            if blocks:
+                break
+            src._stop.wait(0.01)
+        assert len(blocks) == 1 and blocks[0].discontinuity
+    finally:
+        src.stop()
 
 
 DEVICES = [{"name": "HDA Intel PCH: ALC3246 Analog (hw:0,0)", "max_input_channels": 2},
