@@ -224,6 +224,7 @@ def validate_manifest(m: dict, where: Path, *, saving: bool = False) -> None:
     enc = m["encoder"]
     if not isinstance(enc, dict) or not isinstance(enc.get("name"), str) or not enc["name"]:
         bad("encoder", f"must be a mapping with a name, got {_short(enc)}")
+    _check_front_end(enc, bad)
     scorers = m["scorers"]
     if not isinstance(scorers, list) or not scorers:
         bad("scorers", f"must be a non-empty list of scorers, got {_short(scorers)}")
@@ -292,6 +293,41 @@ def validate_manifest(m: dict, where: Path, *, saving: bool = False) -> None:
         bad("tensors_sha256", f"must be a sha256 hex digest, got {_short(digest)}")
     if "name" in m and not isinstance(m["name"], str):
         bad("name", f"must be a string, got {_short(m['name'])}")
+
+
+_MEL_INTS = {"sample_rate_hz": (8_000, 48_000), "n_fft": (16, 65_536), "hop_length": (1, 65_536),
+             "n_mels": (1, 1_024)}
+
+
+def _check_front_end(enc: dict, bad) -> None:
+    """The log-mel settings an encoder spec may carry are used only when scoring starts:
+    check them here, so a hand-edited one fails at load, not in the first batch."""
+    if "image_frames" in enc:
+        v = enc["image_frames"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+            bad("encoder.image_frames", f"must be an integer in 1..100000, got {_short(v)}")
+    if "mel" not in enc:
+        return
+    mel = enc["mel"]
+    from monitor.audio import MelParams
+
+    known = set(MelParams.__dataclass_fields__)
+    if not isinstance(mel, dict) or not set(mel) <= known:
+        bad("encoder.mel", f"must be a mapping of {', '.join(sorted(known))}, got {_short(mel)}")
+    for key, (lo, hi) in _MEL_INTS.items():
+        if key in mel:
+            v = mel[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                bad(f"encoder.mel.{key}", f"must be an integer in {lo}..{hi}, got {_short(v)}")
+    for key in ("f_min_hz", "log_floor"):
+        if key in mel and (not _finite_number(mel[key]) or mel[key] < 0):
+            bad(f"encoder.mel.{key}", f"must be a finite number >= 0, got {_short(mel[key])}")
+    if "log_floor" in mel and mel["log_floor"] <= 0:
+        bad("encoder.mel.log_floor", f"must be > 0, got {_short(mel['log_floor'])}")
+    if mel.get("f_max_hz") is not None and (not _finite_number(mel["f_max_hz"])
+                                            or mel["f_max_hz"] <= mel.get("f_min_hz", 0.0)):
+        bad("encoder.mel.f_max_hz", f"must be empty or a number above f_min_hz, got "
+                                    f"{_short(mel['f_max_hz'])}")
 
 
 def check_tensors(tensors: dict[str, torch.Tensor], where: Path, *, saving: bool = False) -> None:

@@ -23,6 +23,9 @@ WINDOW_S = 10.0
 MIN_RATE_HZ = 8_000
 MAX_RATE_HZ = 48_000
 MIN_HOP_S = 0.01  # 160 samples; smaller hops only multiply work
+# Float audio is nominally within [-1, 1]; beyond 80 dB over full scale it is not audio but
+# garbage (x 1e30 overflows the mel power to infinity and every score is NaN).
+MAX_ABS_SAMPLE = 1e4
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,7 @@ def to_mono_16k(samples: np.ndarray, rate_hz: int, *, source: str = "audio") -> 
         scale = float(2 ** (8 * x.dtype.itemsize - 1))
         x = x.astype(np.float32) / scale
     x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        raise AudioError(f"{source}: contains NaN or infinite samples")
+    _check_samples(x, source)
     mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if rate_hz != SAMPLE_RATE_HZ:
         # The same polyphase filter live streams use (one StreamResampler per source), so a
@@ -101,9 +103,17 @@ def to_mono(samples: np.ndarray, *, source: str = "audio",
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
     x = x.astype(np.float32, copy=False)
+    _check_samples(x, source)
+    return np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0], dtype=np.float32)
+
+
+def _check_samples(x: np.ndarray, source: str) -> None:
     if not np.isfinite(x).all():
         raise AudioError(f"{source}: contains NaN or infinite samples")
-    return np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0], dtype=np.float32)
+    peak = float(np.max(np.abs(x), initial=0.0))
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(f"{source}: samples up to {peak:.3g}, far outside [-1, 1]; not audio "
+                         f"(or scaled wrongly)")
 
 
 def load_audio(path: str | Path) -> np.ndarray:

@@ -152,8 +152,9 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
             raise UsageError(f"decoder_dims: expected 2-16 layer widths, integers in "
                              f"1..1000000, got {short_repr(list(dims))}")
         values["decoder_dims"] = tuple(int(x) for x in dims)
-    if "scorers" in values and not all(isinstance(x, str) for x in values["scorers"]):
-        raise UsageError(f"scorers: expected scorer names, got {short_repr(list(values['scorers']))}")
+    if "scorers" in values and (values["scorers"] is None
+                                or not all(isinstance(x, str) for x in values["scorers"])):
+        raise UsageError(f"scorers: expected scorer names, got {short_repr(values['scorers'])}")
     try:
         cfg = replace(TrainConfig(), **values)
     except TypeError as exc:
@@ -162,11 +163,25 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     return cfg.validate()
 
 
+# Fields that may be empty (None) and the type they take otherwise.
+_OPTIONAL_TYPES = {"weights": str, "embedding": str, "fine_tune_epochs": int}
+
+
 def _check_types(cfg: TrainConfig) -> None:
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         default = getattr(TrainConfig(), f.name)
-        if v is None or default is None or f.name == "extra":
+        if f.name == "extra":
+            continue
+        if v is None:
+            if default is not None:
+                raise UsageError(f"{f.name}: must not be empty (default {short_repr(default)})")
+            continue
+        if default is None:
+            want = _OPTIONAL_TYPES.get(f.name)
+            if want is not None and (not isinstance(v, want) or isinstance(v, bool)):
+                raise UsageError(f"{f.name}: expected {want.__name__}, got {type(v).__name__} "
+                                 f"({short_repr(v)})")
             continue
         if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
             continue

@@ -331,6 +331,7 @@ class Daemon:
                                "sensor_faults": dict(faults.episodes) if faults else {},
                                "sensor_faults_active": sorted(faults.active) if faults else []}
         pub = self.publisher_status()
+        jsonl = {k: pub.pop(k) for k in ("jsonl_lines", "jsonl_write_failed") if k in pub}
         return {"windows_produced": self.queue.produced, "windows_scored": self.worker.scored,
                 "windows_dropped": self.queue.dropped, "windows_failed": self.worker.failed,
                 "windows_publish_failed": self.worker.publish_failed,
@@ -342,6 +343,7 @@ class Daemon:
                 "outbox_pending": pub.get("outbox_pending"),
                 "scores_dropped_offline": pub.get("scores_dropped"),
                 "mqtt": pub or None,
+                "jsonl_write_failed": jsonl.get("jsonl_write_failed"),
                 "overruns": sum(overruns.values()), "queue_depth": len(self.queue),
                 "inference_ms_p50": percentile(self.worker.batch_ms, 50),
                 "inference_ms_p95": percentile(self.worker.batch_ms, 95),

@@ -15,6 +15,7 @@ playing resumes where it left off once it is back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -184,6 +185,8 @@ class FolderSource:
             return found
         # A recorder rotates old files away: forget them, or this set grows for ever.
         self._done.intersection_update(listed)
+        if self.played is not None:
+            self.played.retain(listed, get_logger(stage="source", source=self.id))
         ready = []
         for p in found:
             try:
@@ -289,6 +292,7 @@ class PlayedFiles:
         self.path = Path(path)
         self.root = root
         self._known: dict[str, tuple[int, int]] = {}
+        self._journal_lines = 0
         self._failed = False
 
     def _key(self, p: Path) -> tuple[str, tuple[int, int]] | None:
@@ -307,6 +311,7 @@ class PlayedFiles:
         except OSError as exc:
             log.warning("played_list_unreadable", path=str(self.path), error=str(exc))
             return
+        self._journal_lines = len(lines)
         for line in lines:
             try:
                 rec = json.loads(line)
@@ -337,10 +342,19 @@ class PlayedFiles:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+            self._journal_lines += 1
         except OSError as exc:
             self._failed = True
             log.warning("played_list_write_failed", path=str(self.path), error=str(exc),
                         hint="after a restart, files played since may be played again")
+
+    def retain(self, listed: list[Path], log) -> None:
+        """Forget files no longer in the folder; compact the journal once it is mostly history."""
+        if len(self._known) > len(listed) or self._journal_lines > 2 * len(self._known) + 100:
+            names = {str(p.relative_to(self.root)) for p in listed}
+            self._known = {rel: sig for rel, sig in self._known.items() if rel in names}
+            if self._journal_lines > 2 * len(self._known) + 100 and not self._failed:
+                self._rewrite(log)
 
     def _rewrite(self, log) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -351,5 +365,10 @@ class PlayedFiles:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            self._journal_lines = len(self._known)
         except OSError as exc:
-            log.warning("played_list_write_failed", path=str(self.path), error=str(exc))
+            self._failed = True  # warned once; the list in memory still serves this run
+            log.warning("played_list_write_failed", path=str(self.path), error=str(exc),
+                        hint="after a restart, files played since may be played again")
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)

@@ -9,7 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.types import AlarmEvent, Score
+from monitor.errors import UsageError
+from monitor.logs import get_logger
 
 
 class JsonlPublisher:
@@ -19,14 +22,20 @@ class JsonlPublisher:
         self._lock = threading.Lock()  # the inference worker and the main thread both write
         self._out = None
         self.lines = 0
+        self.write_failed = 0  # lines lost to a full disk (written under the lock)
+        self._warn = RateLimitedWarning(get_logger(stage="jsonl"), every_s=60.0)
 
     def start(self) -> None:
         if self.target == "-":
             self._out = sys.stdout
         else:
             path = Path(self.target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._out = open(path, "a", buffering=1)  # line-buffered: tail -f sees each line
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._out = open(path, "a", buffering=1)  # line-buffered: tail -f sees each line
+            except OSError as exc:  # check-config tests this too; the file may change since
+                raise UsageError(f"jsonl: {self.target}: cannot append to it "
+                                 f"({exc.strerror or exc})") from None
         self._write({"kind": "status", "status": "online"})
 
     def publish_score(self, score: Score) -> None:
@@ -44,14 +53,22 @@ class JsonlPublisher:
     def publish_stats(self, stats: dict) -> None:
         self._write({"kind": "stats", **stats})
 
+    def status(self) -> dict:
+        return {"jsonl_lines": self.lines, "jsonl_write_failed": self.write_failed}
+
     def stop(self) -> None:
         if self._out is None:
             return
         self._write({"kind": "status", "status": "stopped"})
         with self._lock:
-            self._out.flush()
-            if self._out is not sys.stdout:
-                self._out.close()
+            try:
+                self._out.flush()
+                if self._out is not sys.stdout:
+                    self._out.close()
+            except OSError as exc:
+                self.write_failed += 1
+                self._warn("jsonl_write_failed", "close", path=self.target,
+                           error=exc.strerror or str(exc), failed=self.write_failed)
             self._out = None
 
     def _write(self, obj: dict) -> None:
@@ -62,8 +79,16 @@ class JsonlPublisher:
         with self._lock:
             if self._out is None:
                 return
-            self._out.write(line)
-            self._out.flush()
+            try:
+                self._out.write(line)
+                self._out.flush()
+            except OSError as exc:
+                # A full disk: count and warn now and then, keep going (MQTT, if configured,
+                # still gets everything; lines resume once there is room again).
+                self.write_failed += 1
+                self._warn("jsonl_write_failed", "write", path=self.target,
+                           error=exc.strerror or str(exc), failed=self.write_failed)
+                return
             self.lines += 1
 
 

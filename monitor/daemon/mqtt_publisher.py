@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ class MqttPublisher:
         self._source_state: dict[str, str] = {}
         self._counters = {"scores_published": 0, "scores_dropped": 0, "stats_dropped": 0,
                           "outbox_acked": 0, "outbox_rejected": 0, "reconnects": 0,
-                          "connect_failures": 0}
+                          "connect_failures": 0, "outbox_write_failed": 0}
         self._last_error: str | None = None
         self._flusher: threading.Thread | None = None
 
@@ -218,7 +219,16 @@ class MqttPublisher:
     # ---------------------------------------------------------------- outbox
 
     def _enqueue(self, kind: str, topic: str, payload: bytes, *, retain: bool) -> None:
-        row_id, removed = self._outbox.add(kind, topic, payload, retain=retain)
+        try:
+            row_id, removed = self._outbox.add(kind, topic, payload, retain=retain)
+        except sqlite3.Error as exc:
+            # A full disk or a damaged database: the message still goes out (QoS 1; paho
+            # retries it while this process lives), only its survival of a crash is lost.
+            self._counters["outbox_write_failed"] += 1
+            self._warn("outbox_write_failed", "write", topic=topic, error=str(exc)[:200],
+                       failed=self._counters["outbox_write_failed"])
+            self._client.publish(topic, payload, qos=1, retain=retain)
+            return
         if removed:
             with self._ack_lock:
                 self._handed.difference_update(removed)
@@ -250,7 +260,12 @@ class MqttPublisher:
     def _row_acked(self, row_id: int) -> None:
         with self._ack_lock:
             self._handed.discard(row_id)
-        if self._outbox.remove(row_id):
+        try:
+            removed = self._outbox.remove(row_id)
+        except sqlite3.Error as exc:  # on paho's thread: an exception would end its loop
+            self._warn("outbox_write_failed", "remove", row=row_id, error=str(exc)[:200])
+            return  # the row is sent again after a restart: at-least-once still holds
+        if removed:
             self._counters["outbox_acked"] += 1
 
     # ---------------------------------------------------------------- paho callbacks
