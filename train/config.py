@@ -152,8 +152,7 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
             raise UsageError(f"decoder_dims: expected 2-16 layer widths, integers in "
                              f"1..1000000, got {short_repr(list(dims))}")
         values["decoder_dims"] = tuple(int(x) for x in dims)
-    if "scorers" in values and (values["scorers"] is None
-                                or not all(isinstance(x, str) for x in values["scorers"])):
+    if values.get("scorers") is not None and not all(isinstance(x, str) for x in values["scorers"]):
         raise UsageError(f"scorers: expected scorer names, got {short_repr(values['scorers'])}")
     try:
         cfg = replace(TrainConfig(), **values)
