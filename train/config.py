@@ -108,7 +108,10 @@ class TrainConfig:
 
     @property
     def scorer_names(self) -> tuple[str, ...]:
-        return tuple(self.scorers) if self.scorers else default_scorers(self.encoder)
+        if self.scorers:
+            return tuple(self.scorers)
+        # Fine-tuning trains through the reconstruction of the log-mel image: recon is its only scorer.
+        return ("recon",) if self.fine_tune else default_scorers(self.encoder)
 
     @property
     def knn_metric_for_encoder(self) -> str:
