@@ -263,7 +263,7 @@ def _kind(value: object) -> str:
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
 
 
-def validate(cfg: DaemonConfig) -> list[str]:
+def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     """Value checks the types cannot express, each naming its dotted path."""
     problems: list[str] = []
 
@@ -340,7 +340,8 @@ def validate(cfg: DaemonConfig) -> list[str]:
         if s.kind == "folder":
             if s.path is None:
                 problems.append(f"{p}.path: required for a folder source")
-            elif not Path(s.path).is_dir():
+            elif check_paths and not Path(s.path).is_dir():
+                # --no-models: checked where the daemon runs, like the model paths
                 problems.append(f"{p}.path: {_clip(s.path)}: no such directory")
             check(s.speed in SPEEDS, f"{p}.speed", f"must be one of {', '.join(SPEEDS)}, got {short_repr(s.speed)}")
             check(s.poll_s > 0, f"{p}.poll_s", f"must be > 0, got {s.poll_s}")
@@ -550,7 +551,7 @@ def config_problems(data: dict, *, check_models: bool = True,
     cfg = from_mapping(DaemonConfig, data, "", problems)
     if cfg is None:
         return None, problems
-    problems += validate(cfg)
+    problems += validate(cfg, check_paths=check_models)
     if check_files and not problems:
         problems += file_problems(cfg)
     if check_models and not problems:
