@@ -228,13 +228,13 @@ def validate_manifest(m: dict, where: Path, *, saving: bool = False) -> None:
     scorers = m["scorers"]
     if not isinstance(scorers, list) or not scorers:
         bad("scorers", f"must be a non-empty list of scorers, got {_short(scorers)}")
-    from monitor.scorers import SCORERS  # here, not at import: artifact stays light
+    from monitor.scorers import SCORERS, scorer_kind  # here, not at import: artifact stays light
 
     names = []
     for i, s in enumerate(scorers):
         if not isinstance(s, dict) or not isinstance(s.get("name"), str):
             bad(f"scorers[{i}]", f"must be a mapping with a name, got {_short(s)}")
-        if s["name"] not in SCORERS:
+        if scorer_kind(s["name"]) not in SCORERS:
             bad(f"scorers[{i}].name", f"unknown scorer {_short(s['name'])} "
                                       f"(known: {', '.join(SCORERS)})")
         if s["name"] in names:

@@ -19,7 +19,7 @@ from monitor.encoders.registry import build_encoder
 from monitor.errors import ArtifactError, UsageError
 from monitor.decoders import pool_map
 from monitor.encoders.mel import MelImageEncoder
-from monitor.scorers import SCORERS, Features, Fusion, Scorer, Standardizer
+from monitor.scorers import Features, Fusion, Scorer, Standardizer, load_scorer
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,7 +111,7 @@ class Detector:
             for cfg in m["scorers"]:
                 prefix = f"scorer.{cfg['name']}."
                 own = {k[len(prefix):]: v for k, v in art.tensors.items() if k.startswith(prefix)}
-                scorers[cfg["name"]] = SCORERS[cfg["name"]].from_state(cfg, own)
+                scorers[cfg["name"]] = load_scorer(cfg, own)
         except KeyError as exc:
             raise ArtifactError(f"{where}: missing entry {exc} (artifact incomplete or corrupted)") from None
         except (TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited entries

@@ -410,6 +410,24 @@ SCORERS = {"recon": ReconScorer, "knn": KnnScorer, "mahalanobis": MahalanobisSco
            "diag": DiagScorer}
 
 
+def split_scorer_name(name: str) -> tuple[str, str | None]:
+    """`kind@view` -> (kind, view): one scorer kind may run on several views of an embedding
+    (`diag@shape` next to `diag`); a bare kind uses its default view."""
+    kind, sep, view = name.partition("@")
+    return kind, (view if sep else None)
+
+
+def scorer_kind(name: str) -> str:
+    return split_scorer_name(name)[0]
+
+
+def load_scorer(config: dict, tensors: dict[str, torch.Tensor]) -> Scorer:
+    """A scorer from its manifest entry and its own tensors (prefix already stripped)."""
+    scorer = SCORERS[scorer_kind(config["name"])].from_state(config, tensors)
+    scorer.name = config["name"]  # the instance name (`diag@shape`) keys tensors and fusion
+    return scorer
+
+
 # --------------------------------------------------------------------------- normalisation, fusion
 
 

@@ -338,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "wav2vec2, resnet50")
     t.add_argument("--decoder", default=None, help="for the recon scorer: mlp (default), unet, cnn")
     t.add_argument("--scorer", default=None,
-                   help="comma-separated: diag, mahalanobis, knn, recon; several are fused "
-                        "(default by encoder: stats diag,mahalanobis,knn; mel/conv recon; "
-                        "pretrained mahalanobis)")
+                   help="comma-separated: diag, mahalanobis, knn, recon, each optionally "
+                        "on a named view (diag@shape); several are fused (default by encoder: "
+                        "stats diag,diag@shape,mahalanobis; mel/conv recon; pretrained "
+                        "mahalanobis)")
     t.add_argument("--weights", default=None, help="encoder weights file (pretrained encoders)")
     t.add_argument("--embedding", default=None,
                    help="encoder-specific embedding (efficientat: pooled384, hidden512, both)")

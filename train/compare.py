@@ -20,7 +20,7 @@ from train.fit import encoder_spec, fit_model
 
 DEFAULT_DECODERS = ("mlp", "unet", "cnn")
 # "default": the scorers `harken train` picks for the encoder when none are named (for stats
-# the fused diag+mahalanobis+knn); "a+b" is one fused system.
+# the fused diag+diag@shape+mahalanobis); "a+b" is one fused system.
 DEFAULT_SCORERS = ("default", "recon", "knn", "mahalanobis", "diag")
 
 

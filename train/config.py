@@ -18,7 +18,8 @@ KNN_METRICS = ("auto", "cosine", "euclidean")
 # Scorers when none are asked for, by encoder (measured; README "Choosing a model"): the
 # weight-free default fuses three density models on its statistics; pretrained embeddings get
 # a per-ID Gaussian; the seed's log-mel image keeps its autoencoder.
-DEFAULT_SCORERS = {"stats": ("diag", "mahalanobis", "knn"), "mel": ("recon",), "conv": ("recon",)}
+DEFAULT_SCORERS = {"stats": ("diag", "diag@shape", "mahalanobis"), "mel": ("recon",),
+                   "conv": ("recon",)}
 PRETRAINED_DEFAULT_SCORERS = ("mahalanobis",)
 
 

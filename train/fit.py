@@ -29,6 +29,8 @@ from monitor.scorers import (
     ReconScorer,
     Features,
     Standardizer,
+    scorer_kind,
+    split_scorer_name,
 )
 from train.cache import EmbeddingCache, default_cache_dir
 from train.config import TrainConfig
@@ -123,11 +125,18 @@ def train_autoencoder(scorer: ReconScorer, f_train: Features, f_val: Features,
 
 
 def scorer_views(cfg: TrainConfig, views: dict | None) -> dict[str, list[int] | None]:
-    """Which slice of the embedding each distance scorer reads (the stats encoder's views)."""
+    """Which slice of the embedding each distance scorer reads: the view its name gives
+    (`diag@shape`; `@all` is the whole vector), else its kind's default view for this encoder
+    (the stats encoder's DEFAULT_SCORER_VIEWS)."""
     from monitor.encoders.stats import DEFAULT_SCORER_VIEWS
 
     wanted = DEFAULT_SCORER_VIEWS if cfg.encoder == "stats" else {}
-    return {n: resolve_view(views, wanted.get(n)) for n in cfg.scorer_names}
+    out: dict[str, list[int] | None] = {}
+    for name in cfg.scorer_names:
+        kind, view = split_scorer_name(name)
+        view = wanted.get(kind) if view is None else view
+        out[name] = None if view in (None, "all") else resolve_view(views, view)
+    return out
 
 
 def fit_scorers(cfg: TrainConfig, f_tr: Features, ids_tr: list[int | None], f_val: Features,
@@ -140,17 +149,19 @@ def fit_scorers(cfg: TrainConfig, f_tr: Features, ids_tr: list[int | None], f_va
     history: list[EpochLog] = []
     view_of = scorer_views(cfg, views)
     for name in cfg.scorer_names:
-        if name == "recon":
+        kind = scorer_kind(name)
+        if kind == "recon":
             map_shape = list(f_tr.map.shape[1:]) if f_tr.map is not None else None
             rec = ReconScorer.build(cfg.decoder, f_tr.vector.shape[1], cfg.decoder_dims, map_shape)
             rec.fit_stats(f_tr)
             history = train_autoencoder(rec, f_tr, f_val, cfg, dev, progress)
             scorers[name] = rec
-        elif name == "knn":
+        elif kind == "knn":
             scorers[name] = KnnScorer.fit(f_tr.vector, ids_tr, k=cfg.knn_k,
                                           metric=cfg.knn_metric_for_encoder, view=view_of[name])
-        elif name in ("mahalanobis", "diag"):
-            scorers[name] = SCORERS[name].fit(f_tr.vector, ids_tr, view=view_of[name])
+        elif kind in ("mahalanobis", "diag"):
+            scorers[name] = SCORERS[kind].fit(f_tr.vector, ids_tr, view=view_of[name])
+        scorers[name].name = name  # the instance name keys its tensors and its fusion statistics
     return scorers, history
 
 
@@ -198,8 +209,13 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     seed_everything(cfg.seed)
     dev = resolve_device(device)
     for name in cfg.scorer_names:
-        if name not in SCORERS:
-            raise UsageError(f"unknown scorer {name!r}; available: {', '.join(SCORERS)}")
+        if scorer_kind(name) not in SCORERS:
+            raise UsageError(f"unknown scorer {name!r}; available: {', '.join(SCORERS)} "
+                             "(optionally @view, e.g. diag@shape)")
+        if scorer_kind(name) == "recon" and "@" in name:
+            raise UsageError(f"scorer {name!r}: recon reads the whole embedding; drop the @view")
+    if len(set(cfg.scorer_names)) != len(cfg.scorer_names):
+        raise UsageError(f"scorers: each scorer once, got {','.join(cfg.scorer_names)}")
     check_fine_tune_config(cfg)
     root = split_dir(data, "train")
     clips = normal_training_clips(root)
@@ -208,7 +224,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     use_cache = cfg.embedding_cache == "on" or (
         cfg.embedding_cache == "auto" and cfg.encoder not in ("mel", "conv", "stats"))
     cache = EmbeddingCache(cache_dir or default_cache_dir(), encoder.spec(), WINDOW_S, cfg.hop_s) if use_cache else None
-    with_map = "recon" in cfg.scorer_names and cfg.decoder == "cnn"
+    with_map = any(scorer_kind(n) == "recon" for n in cfg.scorer_names) and cfg.decoder == "cnn"
     embedded = embed_clips(clips, encoder, dev, window_s=WINDOW_S, hop_s=cfg.hop_s,
                            batch_size=cfg.embed_batch_size, progress=progress, cache=cache,
                            with_map=with_map)
@@ -273,7 +289,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
                    for p in s.model.parameters())
     manifest = {
         "name": f"{cfg.encoder}+" + "+".join(
-            (cfg.decoder if n == "recon" else n) for n in cfg.scorer_names),
+            (cfg.decoder if scorer_kind(n) == "recon" else n) for n in cfg.scorer_names),
         "sample_rate_hz": SAMPLE_RATE_HZ,
         "window_s": WINDOW_S,
         "encoder": spec,

@@ -1,4 +1,5 @@
-"""The weight-free default detector: stats encoder + diag, mahalanobis and kNN, fused.
+"""The weight-free default detector: stats encoder + two diagonal Gaussians (level and shape
+views) and a full Ledoit-Wolf Gaussian, fused.
 
 Trained and evaluated through the CLI as users run it, on synthetic slide-rail data and on the
 real fan recordings in ../shared/data. Floors sit well below the measured figures (README
@@ -36,11 +37,13 @@ def test_train_without_encoder_builds_the_default(synth_model):
     data, model = synth_model
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["encoder"]["name"] == "stats"
-    assert [s["name"] for s in manifest["scorers"]] == ["diag", "mahalanobis", "knn"]
+    assert [s["name"] for s in manifest["scorers"]] == ["diag", "diag@shape", "mahalanobis"]
     views = manifest["encoder"]["views"]
     by_name = {s["name"]: s for s in manifest["scorers"]}
-    assert by_name["mahalanobis"]["view"] == views["shape"]
-    assert by_name["diag"]["view"] == views["level"] == by_name["knn"]["view"]
+    assert by_name["diag"]["view"] == views["level"]
+    assert by_name["diag@shape"]["view"] == views["shape"]
+    assert "view" not in by_name["mahalanobis"]  # the whole vector
+    assert set(manifest["fusion"]["stats"]) == set(by_name)
     assert manifest["fusion"]["transform"] == "log"
     assert set(manifest["fusion"].get("per_id", {})) <= {"00", "01"}
 
@@ -88,7 +91,7 @@ def test_default_on_real_fan_recordings(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
     assert m["n_normal"] == m["n_anomaly"] == 10
-    assert m["auc"] >= 0.7, m["auc"]  # measured 0.85 (README)
+    assert m["auc"] >= 0.8, m["auc"]  # measured 0.92 (README)
 
 
 def test_shape_view_ignores_gain_and_level_view_sees_it():
@@ -148,3 +151,39 @@ def test_fusion_puts_machine_ids_on_one_scale():
     assert float(pooled[40:].mean() - pooled[:40].mean()) > 1.0  # without: ID 1 looks anomalous
     restored = Fusion.from_json(json.loads(json.dumps(fusion.to_json())))
     assert torch.equal(restored.combine({"x": a, "y": b}, ids), fused)
+
+
+def test_scorers_on_named_views_train_load_and_score(synth_model, tmp_path):
+    data, _ = synth_model
+    model = tmp_path / "views"
+    proc = harken("train", "--data", str(data), "--out", str(model), "--quiet", "--device", "cpu",
+                  "--scorer", "knn@shape,diag@all,diag")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((model / "manifest.json").read_text())
+    views = manifest["encoder"]["views"]
+    by_name = {s["name"]: s for s in manifest["scorers"]}
+    assert by_name["knn@shape"]["view"] == views["shape"]
+    assert "view" not in by_name["diag@all"] and by_name["diag"]["view"] == views["level"]
+    det = Detector.load(model, device="cpu")
+    windows = (0.05 * np.random.default_rng(2).standard_normal((2, 160_000))).astype(np.float32)
+    scores = det.score_windows(windows, [0, 1])
+    assert np.all(np.isfinite(scores))
+    # Two diag scorers on different views are two models, not aliases of one.
+    level = views["level"][1] - views["level"][0]
+    assert det.scorers["diag"].models["id_00"].mean.shape == (level,)
+    assert det.scorers["diag@all"].models["id_00"].mean.shape == (manifest["normalisation"]["dim"],)
+
+
+@pytest.mark.parametrize("scorers, message", [
+    ("diag@nope", "no embedding view 'nope'"),
+    ("diag,diag", "each scorer once"),
+    ("recon@shape", "drop the @view"),
+    ("lof@shape", "unknown scorer 'lof@shape'"),
+])
+def test_bad_scorer_names_are_one_line_errors(synth_model, tmp_path, scorers, message):
+    data, _ = synth_model
+    proc = harken("train", "--data", str(data), "--out", str(tmp_path / "m"), "--quiet",
+                  "--device", "cpu", "--scorer", scorers)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
