@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from monitor.errors import AudioError
+from monitor.errors import AudioError, first_line
 from monitor.resample import resample_whole
 
 SAMPLE_RATE_HZ = 16_000
@@ -55,7 +55,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         samples, rate_hz = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
-        raise AudioError(f"{path}: not a readable audio file ({_first_line(exc)})") from None
+        raise AudioError(f"{path}: not a readable audio file ({first_line(exc)})") from None
     if samples.shape[0] == 0:
         raise AudioError(f"{path}: contains no audio samples")
     return samples, int(rate_hz)
@@ -198,8 +198,3 @@ class LogMel(torch.nn.Module):
 def expected_frames(n_samples: int, hop_length: int) -> int:
     """Frames torchaudio's centred STFT returns for n_samples."""
     return 1 + n_samples // hop_length
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -21,3 +21,9 @@ class AudioError(UsageError):
 
 class ArtifactError(UsageError):
     """A model artifact that is missing, corrupted or incompatible."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first non-empty line (or its type's name), for one-line messages."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

@@ -81,6 +81,6 @@ WRITERS = {"ast": write_tiny_ast, "wav2vec2": write_tiny_wav2vec2,
 
 def write_tiny(encoder: str, root: Path) -> Path:
     """Tiny weights for `encoder` under root, named as the weights directory names them."""
-    from monitor.weights import KNOWN
+    from monitor.weights.store import KNOWN
 
     return WRITERS[encoder](Path(root) / KNOWN[encoder].name)

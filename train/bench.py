@@ -285,7 +285,7 @@ def daemon_bench(encoder: str, *, candidates: tuple[int, ...] | None, seconds: f
     if encoder not in ("mel", "efficientat"):
         raise UsageError(f"--daemon benchmarks mel or efficientat, got {encoder!r}")
     if encoder == "efficientat":
-        from monitor.weights import locate
+        from monitor.weights.store import locate
 
         try:
             path = locate("efficientat", weights)

@@ -267,8 +267,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_weights(args) -> int:
-    from monitor import weights as w
     from monitor.encoders.registry import ENCODERS
+    from monitor.weights import store as w
+    from train.weights import fetch_weights, import_weights
 
     if args.action == "list":
         rows = [w.check_weights(name) for name in ENCODERS]
@@ -284,12 +285,12 @@ def cmd_weights(args) -> int:
     if args.action in ("fetch", "import") and not args.name:
         raise UsageError(f"weights {args.action} needs an encoder name, e.g. `harken weights {args.action} ast`")
     if args.action == "fetch":
-        print(f"{args.name}: weights in {w.fetch_weights(args.name, force=args.force)}")
+        print(f"{args.name}: weights in {fetch_weights(args.name, force=args.force)}")
         return 0
     if args.action == "import":
         if not args.path:
             raise UsageError("weights import needs a PATH: a checkpoint file or a model directory")
-        print(f"{args.name}: weights in {w.import_weights(args.name, args.path, force=args.force)}")
+        print(f"{args.name}: weights in {import_weights(args.name, args.path, force=args.force)}")
         return 0
     names = [args.name] if args.name else [n for n in w.KNOWN]
     if args.name and args.name not in w.KNOWN:

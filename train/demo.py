@@ -120,7 +120,7 @@ def run_pretrained_step(data: Path, model: Path, *, progress: bool) -> dict:
     """efficientat + knn,mahalanobis when its weights are in the weights directory (nothing to
     train: embed and fit statistics); otherwise say how to get them. Never downloads."""
     from monitor.errors import UsageError
-    from monitor.weights import locate
+    from monitor.weights.store import locate
 
     shutil.rmtree(model, ignore_errors=True)
     try:

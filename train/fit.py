@@ -25,7 +25,6 @@ from monitor.scorers import (
     resolve_view,
     Fusion,
     KnnScorer,
-    MahalanobisScorer,
     ReconScorer,
     Features,
     Standardizer,

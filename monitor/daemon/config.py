@@ -475,7 +475,7 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
 def _missing_weights(manifest: dict) -> str | None:
     """The one-line error when a pretrained encoder's weights are not on this machine."""
     from monitor.encoders.registry import PRETRAINED
-    from monitor.weights import locate
+    from monitor.weights.store import locate
 
     spec = manifest["encoder"]
     if spec.get("name") not in PRETRAINED:

@@ -15,6 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from monitor.audio import MAX_RATE_HZ, MIN_RATE_HZ
+from monitor.errors import first_line
 
 PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 WAV_FORMATS = ("WAV", "WAVEX", "RF64")
@@ -83,7 +84,7 @@ def decode_wav(payload: bytes, *, max_payload_bytes: int) -> tuple[np.ndarray, i
     # libsndfile reports a malformed header through several exception types.
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError, EOFError,
             OverflowError, MemoryError, struct.error) as exc:
-        raise PayloadError("not_wav", f"payload is not a readable WAV file ({_first_line(exc)})") from None
+        raise PayloadError("not_wav", f"payload is not a readable WAV file ({first_line(exc)})") from None
     if samples.shape[0] == 0:
         raise PayloadError("empty", "WAV payload contains no samples")
     if not np.isfinite(samples).all():
@@ -122,8 +123,3 @@ def parse_user_properties(pairs) -> tuple[int | None, float | None]:
                 raise PayloadError("bad_property", f"user property ts={str(value)[:40]!r} is not a "
                                    "capture time (epoch seconds up to the year 2100)")
     return seq, ts
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

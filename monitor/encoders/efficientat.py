@@ -25,7 +25,8 @@ from monitor.audio import SAMPLE_RATE_HZ
 from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import KNOWN, file_sha256, load_strict, locate, read_torch_checkpoint
+from monitor.weights.store import KNOWN, file_sha256, locate
+from monitor.weights.checkpoints import load_strict, read_torch_checkpoint
 
 MODEL_RATE_HZ = 32_000
 WIDTH_MULT = 0.4

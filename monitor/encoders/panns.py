@@ -29,8 +29,8 @@ from monitor.audio import SAMPLE_RATE_HZ
 from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import (check_pinned_sha256, file_sha256, load_strict, locate,
-                             read_torch_checkpoint)
+from monitor.weights.store import check_pinned_sha256, file_sha256, locate
+from monitor.weights.checkpoints import load_strict, read_torch_checkpoint
 
 _PRIVATE_PACKAGE = "_harken_panns_inference"
 WIDTHS = (64, 128, 256, 512, 1024, 2048)

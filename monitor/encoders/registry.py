@@ -67,7 +67,8 @@ ENCODERS: dict[str, Callable[[dict, torch.device], Encoder]] = {
     "resnet50": _build_resnet50,
 }
 
-# Encoders whose weights come from `monitor.weights` (the others have none or learn their own).
+# Encoders whose weights come from the weights store (`monitor/weights/store.py`; the others
+# have none or learn their own).
 PRETRAINED = ("efficientat", "ast", "panns", "wav2vec2", "resnet50")
 
 

@@ -16,7 +16,8 @@ from monitor.audio import LogMel, MelParams
 from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import check_pinned_sha256, load_hf_model, locate, weights_sha256
+from monitor.weights.store import check_pinned_sha256, locate, weights_sha256
+from monitor.weights.checkpoints import load_hf_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -15,13 +15,8 @@ from monitor.audio import SAMPLE_RATE_HZ
 from monitor.encoders.base import Embedding, PretrainedEncoder
 from monitor.errors import UsageError
 from monitor.logs import get_logger
-from monitor.weights import (
-    check_pinned_sha256,
-    load_hf_model,
-    locate,
-    read_preprocessor_config,
-    weights_sha256,
-)
+from monitor.weights.store import check_pinned_sha256, locate, weights_sha256
+from monitor.weights.checkpoints import load_hf_model, read_preprocessor_config
 
 
 class Wav2Vec2Encoder(PretrainedEncoder):

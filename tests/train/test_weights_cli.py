@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from monitor.encoders.registry import ENCODERS, build_encoder
-from monitor.weights import KNOWN
+from monitor.weights.store import KNOWN
 from tests.helpers import harken
 from tests.zoo_fixtures import TINY_DIMS, write_tiny
 
