@@ -85,6 +85,14 @@ def cmd_train(args) -> int:
     else:
         print(f"model saved to {result['model']}: {result['n_windows']} windows, "
               f"{result['epochs']} epochs, threshold {result['threshold']:.6g}")
+        cal = result.get("calibration")
+        if cal:
+            print(f"calibrated tail: {cal['method']} over {cal['scores']} out-of-fold normal "
+                  f"scores ({cal['folds']} folds, {cal['exceedances']} above the 90th "
+                  f"percentile); the daemon sets thresholds from alarm.false_alarms_per_day")
+        else:
+            print("no calibrated tail (too few clips per machine ID, or a fine-tuned encoder): "
+                  "the daemon uses the stored threshold")
         if result.get("fine_tune"):
             ft = result["fine_tune"]
             print(f"fine-tuned encoder: held-out loss {ft['val_loss_before']:.6g} -> "
