@@ -281,7 +281,9 @@ def hold_windows(hold_s: float, hop_s: float) -> int:
 def count_episodes(trigger: np.ndarray, active: np.ndarray, hold: int) -> int:
     """Alarm episodes in a window sequence: an episode starts at a triggering window and lasts
     while active windows follow each other within `hold` windows (AlarmStateMachine's logic,
-    vectorised; the state machine itself is checked against it in the tests)."""
+    vectorised; the state machine itself is checked against it in the tests). Exact while
+    n <= hold + 1 (the default 2 of 3 with 30 s hold at any hop up to 10 s); with a longer n
+    the state machine's fresh start after an alarm makes it count slightly fewer."""
     idx = np.flatnonzero(active | trigger)
     if len(idx) == 0:
         return 0

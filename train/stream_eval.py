@@ -246,3 +246,39 @@ def write_tradeoff(path: Path, curves: dict[str, list[dict]], title: str) -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def clip_alarm_figures(detector, rows: list[dict], alarm=None) -> dict:
+    """For `harken evaluate` on clips: the thresholds the daemon would use at `alarm` (default
+    AlarmConfig, hop = window), window FPR/TPR there, and the normal clips of each machine ID
+    played back to back as one stream: observed against expected false alarms per day."""
+    from monitor.daemon.config import AlarmConfig
+    from monitor.labels import NORMAL
+
+    alarm = alarm or AlarmConfig()
+    hop = detector.window_s
+    normal, tp, n_anomalous = [], 0, 0
+    resolved: dict = {}
+
+    def resolve(mid):
+        if mid not in resolved:
+            resolved[mid] = resolve_for_detector(detector, alarm, hop_s=hop, machine_id=mid)
+        return resolved[mid]
+
+    for mid in sorted({r["machine_id"] for r in rows}, key=lambda m: -1 if m is None else m):
+        mine = sorted((r for r in rows if r["machine_id"] == mid), key=lambda r: r["file"])
+        s = np.array([r["score"] for r in mine if r["label"] == NORMAL])
+        a = np.array([r["score"] for r in mine if r["label"] == ANOMALY])
+        tp += int((a > resolve(mid).window_threshold).sum())
+        n_anomalous += len(a)
+        if len(s):
+            normal.append(StreamScores(f"normal-{mid}", mid, np.arange(len(s)) * hop, s, hop,
+                                       len(s) * hop))
+    out = stream_figures(normal, [], resolve, alarm.hold_s)
+    return {"rule": alarm.rule, "budget_per_day": alarm.false_alarms_per_day,
+            "window_fpr": out["window_fpr"],
+            "window_tpr": tp / n_anomalous if n_anomalous else None,
+            "normal_hours": out["normal_hours"], "false_alarm_episodes": out["false_alarm_episodes"],
+            "observed_false_alarms_per_day": out["observed_false_alarms_per_day"],
+            "expected_false_alarms_per_day": out["expected_false_alarms_per_day"],
+            "per_id": out["per_id"]}

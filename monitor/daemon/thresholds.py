@@ -18,7 +18,7 @@ from monitor.calibration import (SECONDS_PER_DAY, Calibration, RuleSimulator, Ru
 from monitor.daemon.rules import RULES, AlarmRule, CusumRule, EwmaRule, KOfNRule
 from monitor.errors import UsageError
 
-MAX_BUDGET_PER_DAY = 10_000.0
+MAX_BUDGET_PER_DAY = 1_000.0  # beyond, a 2-of-3 alarm at 10 s is on more often than off
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ class ResolvedAlarm:
     def describe(self) -> str:
         what = {"kofn": f"{self.k} of {self.n}", "ewma": f"ewma lambda {self.ewma_lambda:g}",
                 "cusum": f"cusum k {self.cusum_k:g}"}[self.rule]
-        where = {"config": "alarm.threshold in the config",
-                 "budget": f"budget {self.budget_per_day:.4g}/day",
-                 "artifact": "the model's stored threshold (no calibrated tail)"}[self.origin]
+        where = ("alarm.threshold in the config" if self.origin == "config"
+                 else f"budget {self.budget_per_day:.4g}/day" if self.origin == "budget"
+                 else "the model's stored threshold (no calibrated tail)")
         expect = ("unknown" if self.expected_per_day is None
                   else f"{self.expected_per_day:.3g}")
         return (f"rule {what}, threshold {self.threshold:.6g} from {where}; expected false "
