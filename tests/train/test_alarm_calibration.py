@@ -140,3 +140,23 @@ def test_evaluate_stream_replays_folders_through_the_alarm_code(stats_model, tmp
     (tmp_path / "empty").mkdir()
     r = harken("evaluate", "--model", str(stats_model), "--data", str(tmp_path / "empty"), "--stream")
     assert r.returncode == 2 and "needs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_daemon_alarms_at_the_threshold_its_budget_gives(stats_model, tmp_path):
+    from monitor.daemon.app import Daemon
+    from monitor.daemon.config import load_config
+    from monitor.daemon.rules import CusumRule
+    from monitor.daemon.thresholds import resolve_for_detector
+
+    for alarm, rule_type in (({"false_alarms_per_day": 1.0}, "KOfNRule"),
+                             ({"false_alarms_per_day": 1.0, "rule": "cusum"}, "CusumRule")):
+        cfg = load_config(_config(tmp_path, stats_model, alarm))
+        daemon = Daemon(cfg, state_dir=tmp_path / "state")
+        daemon.init_models()
+        det = daemon.detectors[str(stats_model)]
+        r = resolve_for_detector(det, cfg.sources[0].alarm, hop_s=10.0, machine_id=0)
+        assert daemon.worker.threshold_overrides["line1"] == r.window_threshold
+        machine = daemon.alarms["line1"]
+        assert type(machine.rule).__name__ == rule_type
+        if isinstance(machine.rule, CusumRule):
+            assert machine.rule.h == r.threshold and r.window_threshold > 0
