@@ -8,7 +8,7 @@ statistics as it does there), the standardiser and scorers are fitted on the res
 is scored, with and without its machine ID. K = 2 / val_fraction (20 by default) makes each
 fold's model see about as many clips as the final one (85 % against 90 %): distance and
 Gaussian scorers fitted on fewer clips score new normal clips higher, which would push the
-thresholds up for nothing. Models with a trained decoder use 10 folds (training time).
+thresholds up for nothing. Models with a trained decoder use 5 folds (training time).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from monitor.logs import get_logger
 from monitor.scorers import Features, Fusion, Standardizer
 
 MAX_FOLDS = 20
-DECODER_FOLDS = 10
+DECODER_FOLDS = 5  # each fold trains a decoder: time
 MIN_FOLDS = 3  # one to fit on, one for the fusion statistics, one to score
 CALIBRATION_HOP_S = 2.5  # clips longer than a window give overlapping windows at this hop
 

@@ -91,8 +91,8 @@ def cmd_train(args) -> int:
                   f"scores ({cal['folds']} folds, {cal['exceedances']} above the 90th "
                   f"percentile); the daemon sets thresholds from alarm.false_alarms_per_day")
         else:
-            print("no calibrated tail (too few clips per machine ID, or a fine-tuned encoder): "
-                  "the daemon uses the stored threshold")
+            print("no calibrated tail (calibrate: false, too few clips per machine ID, or a "
+                  "fine-tuned encoder): the daemon uses the stored threshold")
         if result.get("fine_tune"):
             ft = result["fine_tune"]
             print(f"fine-tuned encoder: held-out loss {ft['val_loss_before']:.6g} -> "

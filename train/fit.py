@@ -258,7 +258,8 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     threshold["per_id"] = per_id_thresholds(held_scores, ids_ho, cfg)
 
     calibration = None
-    if tuned is None:  # a fine-tuned encoder would need a fine-tuning per fold: not calibrated
+    # a fine-tuned encoder would need a fine-tuning per fold: not calibrated
+    if tuned is None and cfg.calibrate:
         cal_hop = calibration_hop_s(embedded.clips, WINDOW_S, cfg.hop_s)
         cal_set = embedded if cal_hop is None else embed_clips(
             list(dict.fromkeys(embedded.clips)), encoder, dev, window_s=WINDOW_S, hop_s=cal_hop,
