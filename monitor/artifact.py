@@ -384,4 +384,10 @@ def load_artifact(path: str | Path) -> Artifact:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{tensor_path}: unreadable safetensors file ({exc})") from None
     check_tensors(tensors, tensor_path)
+    if "calibration" in manifest:  # models trained before calibration have none
+        from monitor.calibration import calibration_problem
+
+        why = calibration_problem(manifest["calibration"], tensors)
+        if why is not None:
+            raise ArtifactError(f"{manifest_path}: {why}")
     return Artifact(root, manifest, tensors)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from monitor.artifact import Artifact, load_artifact
+from monitor.calibration import Calibration, load_calibration
 from monitor.audio import SAMPLE_RATE_HZ, LogMel, MelParams
 from monitor.encoders.base import Encoder
 from monitor.encoders.registry import build_encoder
@@ -79,6 +80,7 @@ class Detector:
         self.window_s = float(manifest.get("window_s", 10.0))
         self.name = manifest.get("name") or f"{manifest['encoder']['name']}+" + "+".join(scorers)
         self._log_mel: LogMel | None = None
+        self.calibration: Calibration | None = None  # set by from_artifact
         self._mel_image: MelImageEncoder | None = None
 
     # ------------------------------------------------------------------ loading
@@ -127,8 +129,11 @@ class Detector:
             if hasattr(s, "model"):
                 s.model.to(dev)
         fusion = Fusion.from_json(m.get("fusion", {"method": "mean", "stats": {}}))
-        return cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev,
-                   precision=precision, compile=compile)
+        det = cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev,
+                  precision=precision, compile=compile)
+        # Out-of-fold normal scores and their tail (None for models trained before them).
+        det.calibration = load_calibration(m, art.tensors, where)
+        return det
 
     def threshold_for(self, machine_id: int | None) -> float:
         """The machine ID's own threshold when training saw that ID, else the pooled one."""

@@ -85,6 +85,14 @@ def cmd_train(args) -> int:
     else:
         print(f"model saved to {result['model']}: {result['n_windows']} windows, "
               f"{result['epochs']} epochs, threshold {result['threshold']:.6g}")
+        cal = result.get("calibration")
+        if cal:
+            print(f"calibrated tail: {cal['method']} over {cal['scores']} out-of-fold normal "
+                  f"scores ({cal['folds']} folds, {cal['exceedances']} above the 90th "
+                  f"percentile); the daemon sets thresholds from alarm.false_alarms_per_day")
+        else:
+            print("no calibrated tail (calibrate: false, too few clips per machine ID, or a "
+                  "fine-tuned encoder): the daemon uses the stored threshold")
         if result.get("fine_tune"):
             ft = result["fine_tune"]
             print(f"fine-tuned encoder: held-out loss {ft['val_loss_before']:.6g} -> "
@@ -98,6 +106,8 @@ def cmd_evaluate(args) -> int:
 
     if args.report:
         _writable_dir(args.report, "report")
+    if args.stream:
+        return _evaluate_stream(args)
     m = evaluate(args.model, args.data, device=args.device, report=args.report,
                  progress=_progress(args), precision=args.precision)
     if args.json:
@@ -118,12 +128,59 @@ def cmd_evaluate(args) -> int:
     if "tpr_at_threshold" in m:
         print(f"  at threshold {m['threshold']:.6g}: TPR {m['tpr_at_threshold']:.3f}  "
               f"FPR {m['fpr_at_threshold']:.3f}")
+    if m.get("alarm"):
+        a = m["alarm"]
+        print(f"  at the daemon's default alarm (rule {a['rule']}, budget {a['budget_per_day']:.3g}/day): "
+              f"window FPR {a['window_fpr']:.4f}  TPR {a['window_tpr']:.3f}; normal clips back to "
+              f"back ({a['normal_hours']:g} h): {a['false_alarm_episodes']} false alarms, "
+              f"expected {a['expected_false_alarms_per_day']:.3g}/day "
+              "(harken evaluate --stream for long streams and detection delay)")
     if args.report:
         rep = m["report"]
         print(f"  report: {rep['scores']}, {rep['roc']}, {rep['histogram']}")
         if rep.get("evidence"):
             print(f"  evidence for the {len(rep['evidence'])} most anomalous clips: "
                   f"{Path(rep['evidence'][0]).parent}/")
+    return 0
+
+
+def _evaluate_stream(args) -> int:
+    """`harken evaluate --stream`: false alarms per day and detection delays (train/stream_eval.py)."""
+    from monitor.daemon.config import AlarmConfig
+    from monitor.daemon.thresholds import rule_problems
+    from train.stream_eval import evaluate_streams
+
+    alarm = AlarmConfig(rule=args.rule, false_alarms_per_day=args.false_alarms_per_day)
+    problems = rule_problems(alarm, "alarm")
+    if problems:
+        raise UsageError(problems[0].replace("alarm.rule", "--rule").replace(
+            "alarm.false_alarms_per_day", "--false-alarms-per-day"))
+    if not (math.isfinite(args.hop_s) and 0.1 <= args.hop_s <= 10.0):
+        raise UsageError(f"--hop-s must be a number of seconds in 0.1-10, got {args.hop_s}")
+    m = evaluate_streams(args.model, args.data, alarm, hop_s=args.hop_s, device=args.device,
+                         report=args.report, progress=_progress(args))
+    if args.json:
+        print(json.dumps(m))
+        return 0
+
+    def f(x, fmt=".3g"):
+        return "n/a" if x is None else format(x, fmt)
+
+    print(f"{m['model']}, rule {m['rule']}, budget {m['budget_per_day']:.4g} false alarms/day, "
+          f"hop {m['hop_s']:g} s")
+    print(f"  healthy audio: {m['normal_hours']:g} h, {m['false_alarm_episodes']} false alarms "
+          f"({f(m['observed_false_alarms_per_day'])}/day observed, "
+          f"{f(m['expected_false_alarms_per_day'])}/day expected), window FPR {f(m['window_fpr'])}")
+    for key, v in m["per_id"].items():
+        print(f"    id {key}: threshold {v['threshold']:.6g} ({v['origin']}), {v['false_alarms']} "
+              f"false alarms in {v['hours']:g} h, expected {f(v['expected_per_day'])}/day")
+    if m["streams"]:
+        print(f"  faulty streams: {m['streams']}, alarmed {100 * m['streams_alarmed']:.1f}%, within "
+              f"60 s {100 * m['streams_alarmed_within_60s']:.1f}%, delay median "
+              f"{f(m['delay_s_median'])} s, p90 {f(m['delay_s_p90'])} s, window TPR {f(m['window_tpr'])}; "
+              f"{m['lead_in_false_alarms']} alarms in their healthy lead-ins")
+    if m.get("report"):
+        print(f"  trade-off plot: {m['report']['tradeoff']}")
     return 0
 
 
@@ -365,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 (CUDA): autocast")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--stream", action="store_true",
+                   help="DATA has normal/ and streams/<name>/: replay them as continuous streams "
+                        "through the daemon's alarm code (false alarms/day, detection delay)")
+    e.add_argument("--hop-s", type=float, default=10.0, help="--stream: window hop (default 10)")
+    e.add_argument("--rule", default="kofn", help="--stream: kofn | ewma | cusum")
+    e.add_argument("--false-alarms-per-day", type=float, default=1 / 7,
+                   help="--stream: the budget (default 1/7, one a week)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("replay", help="score every window of every WAV in a folder (JSON lines)")

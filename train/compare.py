@@ -154,6 +154,7 @@ def _cfg(base: TrainConfig, encoder: str, decoder: str, scorer: str, seed: int) 
     scorers = None if scorer == "default" else tuple(scorer.split("+"))
     return replace(base, encoder=encoder, decoder=decoder if decoder != "-" else base.decoder,
                    scorers=scorers, seed=seed, embedding_cache="on",
+                   calibrate=False,  # a comparison ranks by AUC; no alarm thresholds needed
                    decoder_dims=base.decoder_dims if decoder in VECTOR_DECODERS else None)
 
 

@@ -59,6 +59,9 @@ class TrainConfig:
     embedding_cache: str = "auto"  # auto: on for pretrained encoders, off for the cheap mel image
     seed: int = 0
     fine_tune: bool = False  # train the encoder with the cnn decoder, end to end on waves
+    # score every window out of fold and store the tail the daemon's false-alarm budget needs
+    # (train/calibrate.py); costs one extra fit per fold (5 decoder trainings for recon models)
+    calibrate: bool = True
     fine_tune_lr: float = 1e-5  # the encoder's learning rate; the decoder keeps learning_rate
     fine_tune_epochs: int | None = None  # default max_epochs; early stopping as for the decoder
     fine_tune_batch_size: int = 8  # windows per step: backprop through the encoder needs memory

@@ -207,6 +207,10 @@ def evaluate(model: str | Path, data: str | Path, *, device: str = "auto", repor
         metrics["thresholds_per_id"] = {f"{k:02d}": v for k, v in detector.thresholds_per_id.items()}
     metrics["model"] = detector.name
     metrics["skipped_files"] = skips.total
+    if detector.calibration is not None:  # what an operator lives with (train/stream_eval.py)
+        from train.stream_eval import clip_alarm_figures
+
+        metrics["alarm"] = clip_alarm_figures(detector, rows)
     labels = read_fault_labels(data)
     if labels:
         for r in rows:

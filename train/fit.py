@@ -32,6 +32,7 @@ from monitor.scorers import (
     split_scorer_name,
 )
 from train.cache import EmbeddingCache, default_cache_dir
+from train.calibrate import calibration_hop_s, fit_calibration
 from train.config import TrainConfig
 from train.data import data_fingerprint, embed_clips, normal_training_clips, split_held_out
 from train.finetune import (check_fine_tune_config, fine_tune_encoder, load_window_waves, re_embed,
@@ -271,6 +272,18 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     threshold = calibrate_threshold(pooled_scores, cfg.threshold_method, cfg.threshold_quantile)
     threshold["per_id"] = per_id_thresholds(held_scores, ids_ho, cfg)
 
+    calibration = None
+    # a fine-tuned encoder would need a fine-tuning per fold: not calibrated
+    if tuned is None and cfg.calibrate:
+        cal_hop = calibration_hop_s(embedded.clips, WINDOW_S, cfg.hop_s)
+        cal_set = embedded if cal_hop is None else embed_clips(
+            list(dict.fromkeys(embedded.clips)), encoder, dev, window_s=WINDOW_S, hop_s=cal_hop,
+            batch_size=cfg.embed_batch_size, progress=progress, cache=None, with_map=with_map,
+            desc="embedding (calibration)")
+        calibration = fit_calibration(cfg, cal_set, dev,
+                                      hop_s=cal_hop or cfg.hop_s or WINDOW_S,
+                                      views=getattr(encoder, "views", None), progress=progress)
+
     tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}
     spec = encoder.spec()
     if tuned is not None:
@@ -283,6 +296,10 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     for c in dict.fromkeys(embedded.clips):
         key = "unknown" if c.machine_id is None else f"{c.machine_id:02d}"
         per_id[key] = per_id.get(key, 0) + 1
+    if calibration is not None:
+        cal_entry, cal_tensors = calibration.to_manifest()
+        tensors.update({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                        for k, v in cal_tensors.items()})
     best = min(history, key=lambda e: e.val_loss) if history else None
     n_params = sum(p.numel() for s in scorers.values() if hasattr(s, "model")
                    for p in s.model.parameters())
@@ -298,6 +315,7 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
                           "tensors": ["standardizer.mean", "standardizer.std"]},
         "threshold": threshold,
         "normal_scores": score_summary(held_scores),
+        **({"calibration": cal_entry} if calibration is not None else {}),
         "training": {
             "data_dir": str(Path(root).resolve()),
             "n_files": len(set(c.path for c in embedded.clips)),
@@ -326,6 +344,10 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
     log.info("model_saved", path=str(path), threshold=round(threshold["value"], 6),
              epochs=len(history))
     return {"model": str(path), "threshold": threshold["value"], "epochs": len(history),
+            "calibration": None if calibration is None else {
+                "scores": calibration.pooled.n_scores, "folds": calibration.folds,
+                "method": calibration.pooled.method, "exceedances": calibration.pooled.n_exceed,
+                "per_id_tails": len(calibration.per_id)},
             "history": [e.__dict__ for e in history], "n_windows": int(embedded.embeddings.shape[0]),
             "embed_seconds": embed_s, "fit_seconds": fit_s, "parameters": int(n_params),
             "fine_tune": None if tuned is None else {

@@ -1,5 +1,5 @@
-"""Per-source alarm state machine: ON after k of the last n windows exceed the threshold, OFF
-after `hold_s` with every window below it.
+"""Per-source alarm state machine: ON when its rule triggers (default: k of the last n windows
+exceed the threshold), OFF after `hold_s` with no window keeping it active (monitor/daemon/rules.py).
 
 Time is the audio's own timeline (the windows' capture timestamps), not the wall clock: a
 folder replayed at full speed covers an hour of audio in a minute, and "30 s of quiet" must
@@ -9,21 +9,21 @@ input, so tests need no clock.
 
 from __future__ import annotations
 
-from collections import deque
-
+from monitor.daemon.rules import AlarmRule, KOfNRule
 from monitor.daemon.types import AlarmEvent, Score
 
 
 class AlarmStateMachine:
-    def __init__(self, node: str, source: str, *, k: int, n: int, hold_s: float):
+    def __init__(self, node: str, source: str, *, k: int, n: int, hold_s: float,
+                 rule: AlarmRule | None = None):
         if not 1 <= k <= n:
             raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+        self.rule: AlarmRule = rule if rule is not None else KOfNRule(k, n)
         self.node = node
         self.source = source
         self.k = k
         self.n = n
         self.hold_s = hold_s
-        self._recent: deque[bool] = deque(maxlen=n)
         self.on = False
         self.alarm_id: str | None = None
         self._seq = 0
@@ -33,10 +33,10 @@ class AlarmStateMachine:
 
     def update(self, score: Score) -> list[AlarmEvent]:
         """Feed one window's score (in capture order); return the events it caused."""
-        above = score.anomaly
-        self._recent.append(above)
+        step = self.rule.update(score)
+        above = step.active
         if not self.on:
-            if sum(self._recent) >= self.k:
+            if step.trigger:
                 self.on = True
                 self.alarms += 1
                 self.alarm_id = f"{self.node}-{self.source}-{int(score.window_start_s * 1000)}"
@@ -55,7 +55,7 @@ class AlarmStateMachine:
             event = self._event("end", score)
             self.on = False
             self.alarm_id = None
-            self._recent.clear()  # a new alarm needs k fresh exceedances
+            self.rule.reset()
             return [event]
         return []
 

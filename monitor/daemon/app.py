@@ -126,11 +126,15 @@ class Daemon:
         overrides = {}
         for s in self.config.sources:
             alarm = s.alarm or self.config.alarm
-            self.alarms[s.id] = AlarmStateMachine(self.node, s.id, k=alarm.k, n=alarm.n,
-                                                  hold_s=alarm.hold_s)
+            resolved = self._resolve_alarm(s, alarm)
+            self.alarms[s.id] = AlarmStateMachine(
+                self.node, s.id, k=alarm.k, n=alarm.n, hold_s=alarm.hold_s,
+                rule=resolved.build_rule() if resolved is not None else None)
             if self.config.sensor_faults:
                 self.sensor_faults[s.id] = SensorFaultMonitor(self.node, s.id)
-            if alarm.threshold is not None:
+            if resolved is not None:
+                overrides[s.id] = resolved.window_threshold
+            elif alarm.threshold is not None:
                 overrides[s.id] = alarm.threshold
         self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
                                       batch_max=self.config.batch_max,
@@ -139,6 +143,18 @@ class Daemon:
             ev = self.config.evidence
             self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
                                           max_bytes=ev.max_bytes)
+
+    def _resolve_alarm(self, s: SourceConfig, alarm):
+        """The source's rule and threshold (monitor/daemon/thresholds.py), logged; None for a
+        stand-in detector without a manifest (tests)."""
+        from monitor.daemon.thresholds import resolve_for_detector
+
+        det = self.detectors.get(s.model)
+        if det is None or not hasattr(det, "manifest"):
+            return None
+        resolved = resolve_for_detector(det, alarm, hop_s=s.hop_s, machine_id=s.machine_id)
+        self.log.info("alarm_threshold", source=s.id, **resolved.to_json())
+        return resolved
 
     def init_sources(self) -> None:
         for s in self.config.sources:

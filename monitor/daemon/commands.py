@@ -46,7 +46,17 @@ def cmd_check_config(args) -> int:
         return 2
     assert cfg is not None
     kinds = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sources)
+    if not args.no_models:  # the threshold each source will alarm at, and what it costs
+        from monitor.daemon.thresholds import source_alarm_lines
+
+        lines, problems = source_alarm_lines(cfg)
+        if problems:
+            for p in problems:
+                print(f"{args.file}: {p}", file=sys.stderr)
+            return 2
     print(f"{args.file}: OK, node {cfg.node}, {len(cfg.sources)} source(s): {kinds}")
+    if not args.no_models:
+        print("\n".join(lines))
     return 0
 
 

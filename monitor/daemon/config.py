@@ -38,7 +38,14 @@ class AlarmConfig:
     k: int = 2  # alarm ON after k of the last n windows exceed the threshold
     n: int = 3
     hold_s: float = 30.0  # alarm OFF after this long with every window below the threshold
-    threshold: float | None = None  # None: the model artifact's calibrated threshold
+    # None: from the false-alarm budget and the model's calibrated tail (monitor/calibration.py),
+    # or the artifact's stored threshold for models trained before calibration. For kofn a
+    # score level; for ewma/cusum a level of the statistic (standard deviations of normal scores).
+    threshold: float | None = None
+    false_alarms_per_day: float = 1.0 / 7.0  # the budget: expected false alarms a day, this source
+    rule: str = "kofn"  # kofn | ewma | cusum (monitor/daemon/rules.py)
+    ewma_lambda: float = 0.2  # ewma: weight of the newest window
+    cusum_k: float = 0.5  # cusum: allowance, in standard deviations of normal scores
 
 
 @dataclass(frozen=True)
@@ -441,6 +448,9 @@ def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
         out.append(f"{path}.k: must be <= n (got {a.k} > {a.n})")
     if a.hold_s < 0:
         out.append(f"{path}.hold_s: must be >= 0, got {a.hold_s}")
+    from monitor.daemon.thresholds import rule_problems
+
+    out += rule_problems(a, path)
     return out
 
 

@@ -1,0 +1,394 @@
+"""Calibrated normal-score tails and false-alarm budgets.
+
+At train time every training window is scored out of fold (`train/fit.py`); those honest normal
+scores and a generalised-Pareto (GPD) fit of their upper tail are stored in the artifact. Here
+they become a score distribution (`ScoreTail`: empirical below the tail threshold u, GPD above
+it) and, through a simulation of the alarm rule, an expected number of false alarms per day for
+any threshold, and the threshold that meets a budget.
+
+Dependence. A rule sees consecutive windows; when windows overlap (hop_s < window_s) their scores
+are not independent. The simulation models a window's score as a monotone function of a moving
+average of m = window_s / hop_s independent hop-sized pieces (latent Gaussian), so neighbouring
+windows correlate by their overlap share (1 - lag / m) and exceedances come in clusters, as
+they do on real streams. Non-overlapping windows are treated as independent; slow drifts of a
+real machine (warm-up, shifts) make exceedances cluster more, which this model does not know.
+The figures are checked against real replays (tests, `harken evaluate --stream`).
+
+numpy (and scipy.special for the normal distribution) only: the daemon uses this at start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from monitor.errors import ArtifactError
+
+SECONDS_PER_DAY = 86_400.0
+TAIL_QUANTILE = 0.9  # the GPD models scores above this quantile of the normal scores
+MIN_SCORES = 20  # fewer out-of-fold scores: no calibration (the stored threshold is used)
+MIN_PER_ID_TAIL = 200  # an ID with fewer scores uses the tail of all IDs' scores together
+MIN_GPD_EXCEEDANCES = 10  # fewer: an exponential tail (GPD with shape 0) instead
+XI_RANGE = (-0.5, 0.5)  # probability-weighted moments are valid for shape < 0.5
+DEFAULT_BUDGET_PER_DAY = 1.0 / 7.0
+SIM_SEED = 20260401  # common random numbers: thresholds move monotonically with the budget
+SIM_TARGET_EPISODES = 40  # simulate long enough to expect this many alarms at the budget
+SIM_MIN_DAYS = 30.0
+SIM_MAX_WINDOWS = 4_000_000
+SIM_CHUNK_WINDOWS = 1_000_000
+
+
+# --------------------------------------------------------------------------- the tail
+
+
+def fit_gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
+    """(shape xi, scale sigma) of a GPD fitted to positive excesses by probability-weighted
+    moments (Hosking & Wallis 1987); xi is clamped to XI_RANGE."""
+    y = np.sort(np.asarray(excess, dtype=float))
+    n = len(y)
+    a0 = float(y.mean())
+    # a1 = E[Y (1 - F(Y))], unbiased estimate from the order statistics
+    a1 = float(np.sum((n - np.arange(1, n + 1)) / (n - 1) * y) / n)
+    denom = a0 - 2.0 * a1
+    if not (a0 > 0 and denom > 0):
+        return 0.0, max(a0, 1e-12)  # degenerate: exponential with the mean excess
+    k = a0 / denom - 2.0  # Hosking's k = -xi
+    xi = float(np.clip(-k, *XI_RANGE))
+    # the scale that keeps the mean excess right for the (possibly clamped) shape
+    sigma = a0 * (1.0 - xi)
+    return xi, max(sigma, 1e-12)
+
+
+@dataclass(frozen=True)
+class ScoreTail:
+    """The distribution of a model's normal scores: empirical up to u, GPD above."""
+
+    scores: np.ndarray  # sorted out-of-fold normal scores
+    quantile: float  # u is this quantile of `scores`
+    u: float
+    xi: float
+    sigma: float
+    method: str  # gpd | exponential
+
+    @classmethod
+    def fit(cls, scores, quantile: float = TAIL_QUANTILE) -> ScoreTail:
+        s = np.sort(np.asarray(scores, dtype=float))
+        s = s[np.isfinite(s)]
+        if len(s) < MIN_SCORES:
+            raise ValueError(f"need at least {MIN_SCORES} normal scores for a tail, got {len(s)}")
+        u = float(np.quantile(s, quantile))
+        excess = s[s > u] - u
+        if len(excess) >= MIN_GPD_EXCEEDANCES:
+            xi, sigma = fit_gpd_pwm(excess)
+            method = "gpd"
+        else:
+            xi, sigma, method = 0.0, max(float(excess.mean()) if len(excess) else 0.0,
+                                         float(s.std()) * 0.1, 1e-12), "exponential"
+        return cls(s, float(quantile), u, xi, sigma, method)
+
+    @property
+    def n_scores(self) -> int:
+        return int(len(self.scores))
+
+    @property
+    def n_exceed(self) -> int:
+        return int(np.sum(self.scores > self.u))
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean())
+
+    @property
+    def std(self) -> float:
+        return float(max(self.scores.std(), 1e-12))
+
+    def _gpd_sf(self, y: np.ndarray) -> np.ndarray:
+        y = np.maximum(y, 0.0) / self.sigma
+        if abs(self.xi) < 1e-9:
+            return np.exp(-y)
+        base = np.maximum(1.0 + self.xi * y, 0.0)
+        with np.errstate(divide="ignore"):
+            return np.where(base > 0, base ** (-1.0 / self.xi), 0.0)
+
+    def sf(self, x) -> np.ndarray:
+        """P(score > x) for a normal window."""
+        x = np.asarray(x, dtype=float)
+        p_u = 1.0 - self.quantile
+        below = 1.0 - np.searchsorted(self.scores, x, side="right") / self.n_scores
+        return np.where(x > self.u, p_u * self._gpd_sf(x - self.u), np.maximum(below, p_u))
+
+    def isf(self, p) -> np.ndarray:
+        """The score level that a normal window exceeds with probability p."""
+        p = np.clip(np.asarray(p, dtype=float), 1e-300, 1.0)
+        p_u = 1.0 - self.quantile
+        r = np.minimum(p / p_u, 1.0)
+        if abs(self.xi) < 1e-9:
+            tail = self.u + self.sigma * -np.log(r)
+        else:
+            tail = self.u + self.sigma / self.xi * (r ** (-self.xi) - 1.0)
+        body = np.quantile(self.scores, np.clip(1.0 - p, 0.0, 1.0))
+        return np.where(p < p_u, tail, body)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "n_scores": self.n_scores, "n_exceed": self.n_exceed,
+                "quantile": self.quantile, "u": self.u, "xi": self.xi, "sigma": self.sigma,
+                "mean": self.mean, "std": self.std}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A model's calibrated tails: pooled (windows of unknown machine ID) and per machine ID."""
+
+    pooled: ScoreTail  # windows scored without a machine ID (the pooled banks)
+    per_id: Mapping[int, ScoreTail]  # IDs with MIN_PER_ID_TAIL scores or more
+    folds: int
+    hop_s: float
+    # every ID's windows scored with their ID (per-ID banks and fusion statistics put them on
+    # one scale), for IDs too small for their own tail
+    known_id: ScoreTail | None = None
+
+    def tail_for(self, machine_id: int | None) -> ScoreTail:
+        if machine_id is not None and int(machine_id) in self.per_id:
+            return self.per_id[int(machine_id)]
+        if machine_id is not None and self.known_id is not None:
+            return self.known_id
+        return self.pooled
+
+    def tail_name(self, machine_id: int | None) -> str:
+        if machine_id is not None and int(machine_id) in self.per_id:
+            return f"machine id {int(machine_id):02d}"
+        if machine_id is not None and self.known_id is not None:
+            return "all machine ids"
+        return "pooled, unknown machine id"
+
+    def to_manifest(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(the manifest's `calibration` entry, the tensors it refers to)."""
+        entry = {"method": "out_of_fold", "folds": self.folds, "hop_s": self.hop_s,
+                 "pooled": self.pooled.to_json(),
+                 "per_id": {f"{m:02d}": t.to_json() for m, t in sorted(self.per_id.items())}}
+        tensors = {"calibration.scores.pooled": self.pooled.scores}
+        if self.known_id is not None:
+            entry["known_id"] = self.known_id.to_json()
+            tensors["calibration.scores.known_id"] = self.known_id.scores
+        tensors.update({f"calibration.scores.{m:02d}": t.scores for m, t in self.per_id.items()})
+        return entry, tensors
+
+    @classmethod
+    def from_manifest(cls, entry: dict, tensors: Mapping[str, object]) -> Calibration:
+        """Refit-free: the stored shape and scale are used as they are (checked by
+        `calibration_problem` first)."""
+
+        def tail(key: str, d: dict) -> ScoreTail:
+            scores = np.sort(np.asarray(_numpy(tensors[f"calibration.scores.{key}"]), dtype=float))
+            return ScoreTail(scores, float(d["quantile"]), float(d["u"]), float(d["xi"]),
+                             float(d["sigma"]), str(d["method"]))
+
+        return cls(tail("pooled", entry["pooled"]),
+                   {int(k): tail(k, v) for k, v in entry.get("per_id", {}).items()},
+                   int(entry["folds"]), float(entry["hop_s"]),
+                   tail("known_id", entry["known_id"]) if "known_id" in entry else None)
+
+
+def load_calibration(manifest: dict, tensors, where: Path | str) -> Calibration | None:
+    """The artifact's calibration, None for models trained before it; a broken entry is an
+    ArtifactError naming the file and key."""
+    entry = manifest.get("calibration")
+    if entry is None:
+        return None
+    why = calibration_problem(entry, tensors)
+    if why is not None:
+        raise ArtifactError(f"{where}: {why}")
+    return Calibration.from_manifest(entry, tensors)
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().cpu().double().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def calibration_problem(entry, tensors: Mapping[str, object]) -> str | None:
+    """Why a manifest's `calibration` entry cannot be used (key: message), or None."""
+    if not isinstance(entry, dict):
+        return "calibration: must be a mapping"
+    if not _int_ok(entry.get("folds"), 2):
+        return f"calibration.folds: must be an integer >= 2, got {entry.get('folds')!r}"
+    if not _num_ok(entry.get("hop_s")) or entry["hop_s"] <= 0:
+        return f"calibration.hop_s: must be a number > 0, got {entry.get('hop_s')!r}"
+    per_id = entry.get("per_id", {})
+    if not isinstance(per_id, dict):
+        return "calibration.per_id: must be a mapping of machine ID to tail"
+    named = [("pooled", entry.get("pooled"))]
+    if "known_id" in entry:
+        named.append(("known_id", entry["known_id"]))
+    for key, d in [*named, *per_id.items()]:
+        where = (f"calibration.{key}" if key in ("pooled", "known_id")
+                 else f"calibration.per_id.{str(key)[:10]}")
+        if key not in ("pooled", "known_id") and not (isinstance(key, str) and key.isdigit() and len(key) <= 6):
+            return f"calibration.per_id: keys must be machine IDs like \"00\", got {str(key)[:10]!r}"
+        if not isinstance(d, dict):
+            return f"{where}: must be a mapping"
+        if d.get("method") not in ("gpd", "exponential"):
+            return f"{where}.method: must be gpd or exponential, got {str(d.get('method'))[:20]!r}"
+        for name in ("u", "xi", "sigma"):
+            if not _num_ok(d.get(name)):
+                return f"{where}.{name}: must be a finite number, got {str(d.get(name))[:20]}"
+        if not _num_ok(d.get("quantile")) or not 0 < d["quantile"] < 1:
+            return f"{where}.quantile: must be in (0, 1), got {str(d.get('quantile'))[:20]}"
+        if d["sigma"] <= 0 or not XI_RANGE[0] <= d["xi"] <= XI_RANGE[1]:
+            return f"{where}: needs sigma > 0 and xi in [{XI_RANGE[0]}, {XI_RANGE[1]}]"
+        name = f"calibration.scores.{key}"
+        if name not in tensors:
+            return f"{where}: tensor {name!r} is missing from model.safetensors"
+        t = tensors[name]
+        shape = tuple(getattr(t, "shape", ()))
+        if len(shape) != 1 or shape[0] < MIN_SCORES:
+            return f"{where}: tensor {name!r} must hold >= {MIN_SCORES} scores, got shape {shape}"
+    return None
+
+
+def _num_ok(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_ok(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+# --------------------------------------------------------------------------- the rules, simulated
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """What the simulation needs to know about an alarm rule (see monitor/daemon/rules.py)."""
+
+    rule: str  # kofn | ewma | cusum
+    k: int = 2
+    n: int = 3
+    hold_s: float = 30.0
+    ewma_lambda: float = 0.2
+    cusum_k: float = 0.5
+
+
+def hold_windows(hold_s: float, hop_s: float) -> int:
+    """An alarm ends at the first window whose end is >= hold_s after the last active one's."""
+    return max(1, math.ceil(hold_s / hop_s - 1e-9))
+
+
+def count_episodes(trigger: np.ndarray, active: np.ndarray, hold: int) -> int:
+    """Alarm episodes in a window sequence: an episode starts at a triggering window and lasts
+    while active windows follow each other within `hold` windows (AlarmStateMachine's logic,
+    vectorised; the state machine itself is checked against it in the tests). Exact while
+    n <= hold + 1 (the default 2 of 3 with 30 s hold at any hop up to 10 s); with a longer n
+    the state machine's fresh start after an alarm makes it count slightly fewer."""
+    idx = np.flatnonzero(active | trigger)
+    if len(idx) == 0:
+        return 0
+    cluster = np.concatenate([[0], np.cumsum(np.diff(idx) > hold)])
+    return int(len(np.unique(cluster[trigger[idx]])))
+
+
+def ewma_series(z: np.ndarray, lam: float) -> np.ndarray:
+    """E_t = lam z_t + (1 - lam) E_{t-1}, E_0 = 0 (the EwmaRule's statistic)."""
+    from scipy.signal import lfilter
+
+    return lfilter([lam], [1.0, -(1.0 - lam)], z)
+
+
+def cusum_series(z: np.ndarray, k_ref: float) -> np.ndarray:
+    """S_t = max(0, S_{t-1} + z_t - k_ref), S_0 = 0, by Lindley's identity (the CusumRule's)."""
+    c = np.cumsum(z - k_ref)
+    return c - np.minimum(np.minimum.accumulate(c), 0.0)
+
+
+class RuleSimulator:
+    """Long simulated normal score streams for one tail, hop and rule: the expected false alarms
+    per day of any threshold, and the threshold of a budget. Built once per source at start."""
+
+    def __init__(self, tail: ScoreTail, spec: RuleSpec, *, hop_s: float, window_s: float,
+                 budget_per_day: float = DEFAULT_BUDGET_PER_DAY):
+        self.tail = tail
+        self.spec = spec
+        self.hop_s = float(hop_s)
+        self.m = max(1, int(round(window_s / hop_s)))  # windows sharing audio with each other
+        days = max(SIM_MIN_DAYS, SIM_TARGET_EPISODES / max(budget_per_day, 1e-9))
+        self.n_windows = int(min(SIM_MAX_WINDOWS, math.ceil(days * SECONDS_PER_DAY / hop_s)))
+        self.days = self.n_windows * self.hop_s / SECONDS_PER_DAY
+        self.hold = hold_windows(spec.hold_s, hop_s)
+        self._chunks = list(self._latent_chunks())
+        self._stats: list[np.ndarray] | None = None
+
+    def _latent_chunks(self):
+        rng = np.random.default_rng(SIM_SEED)
+        left = self.n_windows
+        while left > 0:
+            n = min(left, SIM_CHUNK_WINDOWS)
+            e = rng.standard_normal(n + self.m - 1)
+            if self.m == 1:
+                yield e
+            else:  # moving average of m pieces: correlation 1 - lag/m between windows
+                c = np.cumsum(np.concatenate([[0.0], e]))
+                yield (c[self.m:] - c[:-self.m]) / math.sqrt(self.m)
+            left -= n
+
+    def _rule_stats(self) -> list[np.ndarray]:
+        """EWMA / CUSUM statistic of the standardised simulated scores, per chunk."""
+        if self._stats is None:
+            t, spec = self.tail, self.spec
+            out, carry = [], 0.0
+            for lat in self._chunks:
+                scores = t.isf(ndtr(-lat))  # latent -> score with the same exceedance chance
+                z = (scores - t.mean) / t.std
+                if spec.rule == "ewma":
+                    stat = ewma_series(z, spec.ewma_lambda)
+                    # carry the state over the chunk edge: E continues from the last value
+                    stat = stat + carry * (1.0 - spec.ewma_lambda) ** np.arange(1, len(z) + 1)
+                else:
+                    c = np.cumsum(z - spec.cusum_k)  # Lindley, starting from S_0 = carry
+                    stat = c - np.minimum(np.minimum.accumulate(c), -carry)
+                carry = float(stat[-1])
+                out.append(stat)
+            self._stats = out
+        return self._stats
+
+    def episodes_per_day(self, threshold: float) -> float:
+        """Expected false alarm episodes per day at `threshold` (score units for kofn, the
+        statistic's units, standard deviations of normal scores, for ewma/cusum)."""
+        spec = self.spec
+        total = 0
+        if spec.rule == "kofn":
+            p = float(self.tail.sf(threshold))
+            if p <= 0.0:
+                return 0.0
+            c = float(-ndtri(p))  # latent level with the same exceedance probability
+            for lat in self._chunks:
+                above = lat > c
+                hits = np.convolve(above.astype(np.int8), np.ones(spec.n, dtype=np.int8))[:len(above)]
+                total += count_episodes(hits >= spec.k, above, self.hold)
+        else:
+            for stat in self._rule_stats():
+                over = stat > threshold
+                total += count_episodes(over, over, self.hold)
+        return total / self.days
+
+    def threshold_for_budget(self, budget_per_day: float) -> float:
+        """The lowest threshold whose expected false alarms per day stay within the budget."""
+        if self.spec.rule == "kofn":
+            lo = float(self.tail.isf(0.5))  # half of all normal windows above: surely too low
+            hi = float(self.tail.isf(1e-12))
+        else:
+            lo, hi = 0.0, max(float(max(s.max() for s in self._rule_stats())), 1e-6) * 1.001
+        if self.episodes_per_day(lo) <= budget_per_day:
+            return lo
+        for _ in range(40):  # bisection; the rate is monotone in the threshold
+            mid = 0.5 * (lo + hi)
+            if self.episodes_per_day(mid) <= budget_per_day:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-6 * max(1.0, abs(hi)):
+                break
+        return hi

@@ -1,0 +1,97 @@
+"""Alarm rules: when a stream of window scores turns an alarm on, and what keeps it on.
+
+`AlarmStateMachine` (alarm.py) owns the episode (ids, events, hold); a rule only says, window by
+window, whether the alarm should start (`trigger`) and whether this window keeps it alive
+(`active`). Three rules, chosen by `alarm.rule`:
+
+- `kofn` (default): k of the last n windows above the window threshold (the daemon's rule
+  since the start; a window is above when `score > threshold`).
+- `ewma`: exponentially weighted moving average of the standardised score z = (score - mean) /
+  std of normal scores, E_t = lambda z_t + (1 - lambda) E_{t-1}; on while E_t > h. A single loud
+  window moves E by only lambda z, a slow drift accumulates.
+- `cusum`: one-sided CUSUM, S_t = max(0, S_{t-1} + z_t - k_ref); on while S_t > h. Sums small
+  persistent shifts above k_ref standard deviations.
+
+Each rule's statistic has a vectorised twin in monitor/calibration.py (`ewma_series`,
+`cusum_series`) that the false-alarm simulation uses; the tests check that they agree.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from monitor.daemon.types import Score
+
+RULES = ("kofn", "ewma", "cusum")
+
+
+@dataclass(frozen=True)
+class RuleStep:
+    trigger: bool  # start an alarm now (when none is on)
+    active: bool  # this window keeps an alarm on (resets the hold timer)
+    statistic: float  # what the rule compared with its threshold
+
+
+class AlarmRule(Protocol):
+    name: str
+
+    def update(self, score: Score) -> RuleStep: ...
+
+    def reset(self) -> None:
+        """Called when an alarm has ended."""
+
+
+class KOfNRule:
+    name = "kofn"
+
+    def __init__(self, k: int, n: int):
+        if not 1 <= k <= n:
+            raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+        self.k, self.n = k, n
+        self._recent: deque[bool] = deque(maxlen=n)
+
+    def update(self, score: Score) -> RuleStep:
+        above = score.anomaly
+        self._recent.append(above)
+        return RuleStep(sum(self._recent) >= self.k, above, score.score)
+
+    def reset(self) -> None:
+        self._recent.clear()  # a new alarm needs k fresh exceedances
+
+
+class EwmaRule:
+    name = "ewma"
+
+    def __init__(self, *, mean: float, std: float, lam: float, h: float):
+        if not 0 < lam <= 1:
+            raise ValueError(f"ewma lambda must be in (0, 1], got {lam}")
+        self.mean, self.std, self.lam, self.h = mean, std, lam, h
+        self.value = 0.0
+
+    def update(self, score: Score) -> RuleStep:
+        z = (score.score - self.mean) / self.std
+        self.value = self.lam * z + (1.0 - self.lam) * self.value
+        over = self.value > self.h
+        return RuleStep(over, over, self.value)
+
+    def reset(self) -> None:
+        pass  # the average decays by itself; resetting it would hide a fault still present
+
+
+class CusumRule:
+    name = "cusum"
+
+    def __init__(self, *, mean: float, std: float, k_ref: float, h: float):
+        self.mean, self.std, self.k_ref, self.h = mean, std, k_ref, h
+        self.value = 0.0
+
+    def update(self, score: Score) -> RuleStep:
+        z = (score.score - self.mean) / self.std
+        self.value = max(0.0, self.value + z - self.k_ref)
+        over = self.value > self.h
+        return RuleStep(over, over, self.value)
+
+    def reset(self) -> None:
+        pass  # the sum has fallen below h for hold_s already; it drains on its own
