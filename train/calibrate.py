@@ -21,6 +21,7 @@ from tqdm import tqdm
 from monitor.calibration import MIN_PER_ID_TAIL, MIN_SCORES, Calibration, ScoreTail
 from monitor.logs import get_logger
 from monitor.scorers import Features, Fusion, Standardizer
+from train.fit_scorers import fit_scorers
 
 MAX_FOLDS = 20
 DECODER_FOLDS = 5  # each fold trains a decoder: time
@@ -73,7 +74,6 @@ def n_fusion_folds(folds: int, val_fraction: float) -> int:
 def out_of_fold_scores(cfg, embedded, dev: torch.device, *, views=None, progress: bool = True
                        ) -> tuple[np.ndarray, np.ndarray, list, int]:
     """(scores with the machine ID, scores without it, machine IDs, folds) for every window."""
-    from train.fit import fit_scorers  # fit imports this module
 
     clips = embedded.clips
     folds = n_folds(clips, cfg)

@@ -10,7 +10,8 @@ from monitor.decoders import MLPAutoencoder
 from monitor.scorers import Features, KnnScorer, MahalanobisScorer, ReconScorer, ledoit_wolf
 from train.config import load_train_config
 from train.evaluate import evaluate
-from train.fit import calibrate_threshold, fit_model, train_autoencoder
+from train.fit import calibrate_threshold, fit_model
+from train.fit_scorers import train_autoencoder
 
 
 def test_seed_baseline_widths():
