@@ -1,0 +1,90 @@
+"""The window message of the distributed roles (issue 17): one complete window as WAV bytes,
+its identity in MQTT 5 user properties, so a worker needs nothing else to score it."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE_HZ = 16000
+MAX_WINDOW_S = 600.0
+# A model name is one directory under the worker's models directory: no separators, no "..".
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SOURCE_NAME = re.compile(r"^[^/#+\x00]{1,200}$")
+
+
+class WireError(ValueError):
+    """A window message that cannot be used; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class WireWindow:
+    source: str
+    model: str
+    seq: int  # per-source window counter of the capture box
+    start_time_s: float  # wall-clock capture time of the first sample
+    samples: np.ndarray  # (window samples,) float32, 16 kHz mono
+    machine_id: int | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE_HZ
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The window's identity: duplicates (redeliveries) share it."""
+        return (self.source, self.seq)
+
+
+def valid_model_name(name: str) -> bool:
+    return bool(_MODEL_NAME.match(name)) and ".." not in name
+
+
+def encode(window: WireWindow) -> tuple[bytes, list[tuple[str, str]]]:
+    """-> (payload, user properties) for one QoS 1 publish."""
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(window.samples, dtype=np.float32), SAMPLE_RATE_HZ,
+             format="WAV", subtype="FLOAT")
+    props = [("source", window.source), ("model", window.model), ("seq", str(window.seq)),
+             ("window_start", repr(float(window.start_time_s)))]
+    if window.machine_id is not None:
+        props.append(("machine_id", str(int(window.machine_id))))
+    return buf.getvalue(), props
+
+
+def decode(payload: bytes, props: list[tuple[str, str]]) -> WireWindow:
+    """Raise WireError (one line) for anything a worker must skip."""
+    p = dict(props or [])
+    for key in ("source", "model", "seq", "window_start"):
+        if key not in p:
+            raise WireError(f"missing user property {key!r}")
+    source, model = p["source"], p["model"]
+    if not _SOURCE_NAME.match(source):
+        raise WireError(f"bad source name {source[:60]!r}")
+    if not valid_model_name(model):
+        raise WireError(f"bad model name {model[:60]!r}")
+    try:
+        seq = int(p["seq"])
+        start = float(p["window_start"])
+        machine_id = int(p["machine_id"]) if "machine_id" in p else None
+    except ValueError as exc:
+        raise WireError(f"bad number in user properties: {exc}") from None
+    if seq < 0 or not math.isfinite(start):
+        raise WireError(f"bad seq/window_start ({seq}, {start})")
+    try:
+        samples, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise WireError(f"payload is not a WAV: {str(exc)[:80]}") from None
+    if rate != SAMPLE_RATE_HZ:
+        raise WireError(f"sample rate must be {SAMPLE_RATE_HZ} Hz (got {rate})")
+    if samples.ndim != 1 or len(samples) == 0 or len(samples) > MAX_WINDOW_S * SAMPLE_RATE_HZ:
+        raise WireError(f"window must be mono, 1..{int(MAX_WINDOW_S)} s (got shape {samples.shape})")
+    if not np.all(np.isfinite(samples)):
+        raise WireError("samples are not finite")
+    return WireWindow(source=source, model=model, seq=seq, start_time_s=start, samples=samples,
+                      machine_id=machine_id)
