@@ -123,10 +123,10 @@ class Daemon:
                 self.detectors[path] = Detector.load(path, device=self.config.device,
                                                       precision=self.config.precision)
                 self.log.info("model_loaded", model=path, name=self.detectors[path].name)
-        overrides = {}
+        overrides: dict = {}
         for s in self.config.sources:
             alarm = s.alarm or self.config.alarm
-            resolved = self._resolve_alarm(s, alarm)
+            resolved = self._resolve_alarm(s, alarm, s.machine_id)
             self.alarms[s.id] = AlarmStateMachine(
                 self.node, s.id, k=alarm.k, n=alarm.n, hold_s=alarm.hold_s,
                 rule=resolved.build_rule() if resolved is not None else None)
@@ -134,6 +134,7 @@ class Daemon:
                 self.sensor_faults[s.id] = SensorFaultMonitor(self.node, s.id)
             if resolved is not None:
                 overrides[s.id] = resolved.window_threshold
+                overrides.update(self._per_id_thresholds(s, alarm))
             elif alarm.threshold is not None:
                 overrides[s.id] = alarm.threshold
         self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
@@ -144,7 +145,7 @@ class Daemon:
             self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
                                           max_bytes=ev.max_bytes)
 
-    def _resolve_alarm(self, s: SourceConfig, alarm):
+    def _resolve_alarm(self, s: SourceConfig, alarm, machine_id: int | None):
         """The source's rule and threshold (monitor/daemon/thresholds.py), logged; None for a
         stand-in detector without a manifest (tests)."""
         from monitor.daemon.thresholds import resolve_for_detector
@@ -152,9 +153,23 @@ class Daemon:
         det = self.detectors.get(s.model)
         if det is None or not hasattr(det, "manifest"):
             return None
-        resolved = resolve_for_detector(det, alarm, hop_s=s.hop_s, machine_id=s.machine_id)
-        self.log.info("alarm_threshold", source=s.id, **resolved.to_json())
+        resolved = resolve_for_detector(det, alarm, hop_s=s.hop_s, machine_id=machine_id)
+        self.log.info("alarm_threshold", source=s.id, machine_id=machine_id, **resolved.to_json())
         return resolved
+
+    def _per_id_thresholds(self, s: SourceConfig, alarm) -> dict:
+        """(source, machine ID) -> window threshold, for a source without a configured
+        machine_id whose windows carry IDs from their file names: each such window is scored
+        against its ID's statistics, so it must be judged at that ID's calibrated tail, not at
+        the pooled one. Keyed by the IDs the model was trained on; windows of other IDs are
+        scored against the pooled statistics and use the source's (pooled) threshold."""
+        det = self.detectors.get(s.model)
+        if s.machine_id is not None or alarm.threshold is not None or \
+                getattr(det, "calibration", None) is None:
+            return {}
+        trained = det.manifest.get("training", {}).get("files_per_id", {})
+        ids = sorted(int(k) for k in trained if k.isdigit())
+        return {(s.id, mid): self._resolve_alarm(s, alarm, mid).window_threshold for mid in ids}
 
     def init_sources(self) -> None:
         for s in self.config.sources:

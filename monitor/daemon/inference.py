@@ -98,14 +98,17 @@ class InferenceWorker(threading.Thread):
 
     def __init__(self, queue: WindowQueue, detectors: Mapping[str, object], *,
                  on_scored: Callable[[ScoredWindow], None], batch_max: int = 32,
-                 idle_wait_s: float = 0.2, threshold_overrides: Mapping[str, float] | None = None):
+                 idle_wait_s: float = 0.2,
+                 threshold_overrides: Mapping[str | tuple[str, int], float] | None = None):
         super().__init__(name="harken-inference", daemon=True)
         self.queue = queue
         self.detectors = dict(detectors)
         self.on_scored = on_scored
         self.batch_max = batch_max
         self.idle_wait_s = idle_wait_s
-        self.threshold_overrides = dict(threshold_overrides or {})  # keyed by source id
+        # Keyed by source id, or by (source id, machine ID) where a source's windows carry
+        # machine IDs of their own (folder files); the detector's own threshold otherwise.
+        self.threshold_overrides = dict(threshold_overrides or {})
         self._stop_when_empty = threading.Event()
         self.heartbeat_mono_s = time.monotonic()
         self.scored = 0
@@ -118,6 +121,12 @@ class InferenceWorker(threading.Thread):
 
     def stop_when_drained(self) -> None:
         self._stop_when_empty.set()
+
+    def _threshold(self, win, det) -> float:
+        by_id = self.threshold_overrides.get((win.source, win.machine_id))
+        if by_id is not None:
+            return by_id
+        return self.threshold_overrides.get(win.source, det.threshold_for(win.machine_id))
 
     def run(self) -> None:
         log = get_logger(stage="inference")
@@ -152,7 +161,7 @@ class InferenceWorker(threading.Thread):
         now = time.time()
         for win, s in zip(windows, scores):
             self.latency_ms.append((done - win.ready_mono_s) * 1000.0)
-            threshold = self.threshold_overrides.get(win.source, det.threshold_for(win.machine_id))
+            threshold = self._threshold(win, det)
             self.scored += 1
             try:
                 self.on_scored(ScoredWindow(win, key, float(s), float(threshold), det.name, now,

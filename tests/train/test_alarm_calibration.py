@@ -160,3 +160,28 @@ def test_the_daemon_alarms_at_the_threshold_its_budget_gives(stats_model, tmp_pa
         assert type(machine.rule).__name__ == rule_type
         if isinstance(machine.rule, CusumRule):
             assert machine.rule.h == r.threshold and r.window_threshold > 0
+
+
+def test_a_folder_source_without_machine_id_judges_each_id_at_its_own_tail(stats_model, tmp_path):
+    """Windows of a folder source take their machine ID from the file name and are scored
+    against that ID's statistics; their threshold must come from that ID's tail too."""
+    from monitor.daemon.app import Daemon
+    from monitor.daemon.config import AlarmConfig, load_config
+    from monitor.daemon.types import Window
+    from monitor.daemon.thresholds import resolve_for_detector
+
+    path = _config(tmp_path, stats_model)
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["sources"][0]["machine_id"]
+    path.write_text(yaml.safe_dump(cfg))
+    daemon = Daemon(load_config(path), state_dir=tmp_path / "state")
+    daemon.init_models()
+    det = daemon.detectors[str(stats_model)]
+    worker = daemon.worker
+    for mid in (0, 1, None):
+        want = resolve_for_detector(det, AlarmConfig(), hop_s=10.0, machine_id=mid).window_threshold
+        win = Window("line1", np.zeros(160_000, np.float32), 0.0, 10.0, 0.0, machine_id=mid)
+        assert worker._threshold(win, det) == pytest.approx(want)
+    pooled = resolve_for_detector(det, AlarmConfig(), hop_s=10.0, machine_id=None).window_threshold
+    per_id = [worker.threshold_overrides[("line1", m)] for m in (0, 1)]
+    assert any(t != pooled for t in per_id)  # otherwise this test would not tell the two apart
