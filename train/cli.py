@@ -150,7 +150,8 @@ def _evaluate_stream(args) -> int:
     from monitor.daemon.thresholds import rule_problems
     from train.stream_eval import evaluate_streams
 
-    alarm = AlarmConfig(rule=args.rule, false_alarms_per_day=args.false_alarms_per_day)
+    budget = {} if args.false_alarms_per_day is None else {"false_alarms_per_day": args.false_alarms_per_day}
+    alarm = AlarmConfig(rule=args.rule, **budget)
     problems = rule_problems(alarm, "alarm")
     if problems:
         raise UsageError(problems[0].replace("alarm.rule", "--rule").replace(
@@ -427,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the daemon's alarm code (false alarms/day, detection delay)")
     e.add_argument("--hop-s", type=float, default=10.0, help="--stream: window hop (default 10)")
     e.add_argument("--rule", default="kofn", help="--stream: kofn | ewma | cusum")
-    e.add_argument("--false-alarms-per-day", type=float, default=1 / 7,
-                   help="--stream: the budget (default 1/7, one a week)")
+    e.add_argument("--false-alarms-per-day", type=float, default=None,
+                   help="--stream: the budget (default: the daemon's, one a week)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("replay", help="score every window of every WAV in a folder (JSON lines)")
