@@ -87,6 +87,10 @@ class Daemon:
         self._source_states: dict[str, str] = {}
         self._started_mono = time.monotonic()
         self._stopped = False
+        # source -> the worker's detector key for its windows (issue 16: a source with a
+        # normal reference overlay gets its own, monitor/daemon/reference_watch.py)
+        self.model_keys: dict[str, str] = {s.id: s.model for s in config.sources}
+        self.references = None
 
     # ------------------------------------------------------------------ init
 
@@ -140,6 +144,11 @@ class Daemon:
         self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
                                       batch_max=self.config.batch_max,
                                       threshold_overrides=overrides)
+        from monitor.daemon.reference_watch import ReferenceWatcher
+
+        self.references = ReferenceWatcher(self.state_dir, {s.id: s.model for s in self.config.sources},
+                                           self.worker, self.model_keys)
+        self.references.poll()
         if self.config.evidence.enabled:
             ev = self.config.evidence
             self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
@@ -247,6 +256,7 @@ class Daemon:
         while not self.shutdown.wait(tick):
             now = time.monotonic()
             self._update_source_states()
+            self.references.poll()
             if watchdog_every is not None and now >= next_watchdog:
                 if self.alive():
                     self.notifier.watchdog()
@@ -407,23 +417,23 @@ class Daemon:
 
     def _block_sink(self, sid: str):
         ring = self.rings[sid]
-        model = self.source_configs[sid].model
+        keys = self.model_keys
 
         def on_block(block: AudioBlock) -> None:
             for window in ring.push(block):
-                self.queue.put_nowait(model, window)
+                self.queue.put_nowait(keys[sid], window)
         return on_block
 
     def _window_sink(self, sid: str):
         cfg = self.source_configs[sid]
-        model = cfg.model
+        keys = self.model_keys
         if cfg.kind == "folder" and cfg.speed == "max":
             def on_window_replay(window: Window) -> None:  # not live: wait rather than drop
-                self.queue.put_wait(model, window, self.shutdown)
+                self.queue.put_wait(keys[sid], window, self.shutdown)
             return on_window_replay
 
         def on_window(window: Window) -> None:
-            self.queue.put_nowait(model, window)
+            self.queue.put_nowait(keys[sid], window)
         return on_window
 
     def _on_scored(self, sw: ScoredWindow) -> None:
@@ -491,7 +501,8 @@ class Daemon:
         """The evidence job for an alarm start (run on the event worker). Its failure (a full
         disk, soundfile's LibsndfileError, a plotting error) is logged and counted there and
         the event goes out without the files."""
-        det = self.detectors[sw.model_key]
+        assert self.worker is not None
+        det = self.worker.detectors[sw.model_key]  # the source's own, with its reference
         store = self.evidence
         assert store is not None
 

@@ -27,6 +27,10 @@ def register(sub) -> None:
 
     watch.add_parser(sub)
 
+    from monitor import verdict_cli  # issue 16: harken verdict set|undo|list
+
+    verdict_cli.register(sub)
+
 
 def cmd_check_config(args) -> int:
     from monitor.daemon.config import MAX_PROBLEMS_SHOWN, config_problems, read_yaml

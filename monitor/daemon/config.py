@@ -135,6 +135,8 @@ class DaemonConfig:
     sensor_faults: bool = False  # silence / clipping / DC offset raise `sensor_fault` events
     evidence: EvidenceConfig = EvidenceConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # windows a source's normal reference overlay may hold (monitor/reference.py)
+    reference_max_windows: int = 500
 
 
 # --------------------------------------------------------------------------- loading
@@ -293,6 +295,8 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     problems += _alarm_problems(cfg.alarm, "alarm")
     check(cfg.evidence.max_count >= 1, "evidence.max_count", f"must be >= 1, got {cfg.evidence.max_count}")
     check(cfg.evidence.max_bytes >= 1, "evidence.max_bytes", f"must be >= 1, got {cfg.evidence.max_bytes}")
+    check(cfg.reference_max_windows >= 1, "reference_max_windows",
+          f"must be >= 1, got {cfg.reference_max_windows}")
     check(1 <= cfg.metrics.port <= 65535, "metrics.port", f"must be in 1-65535, got {cfg.metrics.port}")
     if cfg.mqtt is not None:
         m = cfg.mqtt

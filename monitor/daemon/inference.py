@@ -118,6 +118,12 @@ class InferenceWorker(threading.Thread):
         self.batch_ms: deque[float] = deque(maxlen=2000)  # per batch, for p50/p95
         self.latency_ms: deque[float] = deque(maxlen=2000)  # window complete -> scored
         self.error: BaseException | None = None
+        self._calls: deque = deque()  # call_soon: model changes run here, between batches
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run fn on this thread before the next batch (it owns the models: a detector is
+        swapped between batches, never under one)."""
+        self._calls.append(fn)
 
     def stop_when_drained(self) -> None:
         self._stop_when_empty.set()
@@ -133,6 +139,8 @@ class InferenceWorker(threading.Thread):
         log.info("inference_started", models=len(self.detectors))
         while True:
             self.heartbeat_mono_s = time.monotonic()
+            while self._calls:
+                self._calls.popleft()()
             batch = self.queue.take_batch(self.batch_max, self.idle_wait_s)
             if not batch:
                 if self._stop_when_empty.is_set():

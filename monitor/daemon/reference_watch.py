@@ -1,0 +1,61 @@
+"""Keeps each source's detector in step with its normal reference overlay in the state
+directory (monitor/reference.py), however the overlay changed (`harken verdict`, undo).
+
+Polled from the daemon's supervising loop: one small file read per source and tick. A source
+with an overlay gets its own detector entry on the inference worker, `<model>#ref:<source>`
+(a shallow copy sharing the encoder, monitor/overlay.py); without one it shares the model's
+entry and its batches with the other sources again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from monitor.errors import UsageError
+from monitor.logs import get_logger
+from monitor.reference import ReferenceStore
+
+
+class ReferenceWatcher:
+    def __init__(self, state_dir, models: Mapping[str, str], worker, model_keys: dict[str, str]):
+        """models: source id -> model key; model_keys: the dict the daemon's sinks read the
+        key to queue a source's windows under (updated here, after the detector is in place)."""
+        self.stores = {sid: ReferenceStore(state_dir, sid) for sid in models}
+        self.models = dict(models)
+        self.worker = worker
+        self.model_keys = model_keys
+        self.versions: dict[str, int] = {sid: 0 for sid in models}
+        self._log = get_logger(stage="reference")
+
+    def poll(self) -> None:
+        for sid, store in self.stores.items():
+            try:
+                version = store.version()
+                if version == self.versions[sid]:
+                    continue
+                overlay = store.load()
+            except UsageError as exc:  # a damaged file: keep scoring with what is in force
+                self._log.error("reference_unreadable", source=sid, error=str(exc))
+                continue
+            self.versions[sid] = version
+            if self.worker.ident is None:  # not started yet (daemon start): apply here and now
+                self._apply(sid, overlay)
+                continue
+            self.worker.call_soon(lambda sid=sid, overlay=overlay: self._apply(sid, overlay))
+
+    def _apply(self, sid: str, overlay) -> None:
+        """On the inference worker."""
+        from monitor.overlay import with_reference
+
+        base_key = self.models[sid]
+        own_key = f"{base_key}#ref:{sid}"
+        if overlay.windows == 0:
+            self.model_keys[sid] = base_key
+            self.worker.detectors.pop(own_key, None)
+        else:
+            base = self.worker.detectors[base_key]
+            self.worker.detectors[own_key] = with_reference(base, overlay.embeddings,
+                                                            overlay.machine_ids)
+            self.model_keys[sid] = own_key
+        self._log.info("reference_loaded", source=sid, version=overlay.version,
+                       windows=overlay.windows, verdicts=len(overlay.entries))

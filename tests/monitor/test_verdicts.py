@@ -1,0 +1,200 @@
+"""Verdicts on alarms: the normal reference overlay (store, detector, CLI, running daemon)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from monitor.detector import Detector
+from monitor.errors import UsageError
+from monitor.overlay import with_reference
+from monitor.reference import ReferenceStore
+from monitor.verdicts import Verdict, event_source
+from tests.helpers import RATE, harken, tone_clip
+
+REF_TRAIN_YAML = """\
+train:
+  encoder: stats
+  scorers: [knn, diag]
+"""
+
+
+@pytest.fixture(scope="module")
+def ref_model(tmp_path_factory, tone_data) -> Path:
+    """A stats encoder with a k-NN bank and a diagonal Gaussian: both kinds of reference."""
+    from train.config import load_train_config
+    from train.fit import fit_model
+
+    base = tmp_path_factory.mktemp("ref-model")
+    (base / "train.yaml").write_text(REF_TRAIN_YAML)
+    out = base / "model"
+    fit_model(tone_data, out, load_train_config(base / "train.yaml"), device="cpu", progress=False)
+    return out
+
+
+def fault_clip(seed: int = 7) -> np.ndarray:
+    return tone_clip(np.random.default_rng(seed), 0, anomalous=True)
+
+
+def test_a_normal_reference_silences_the_judged_sound_and_only_it(ref_model):
+    det = Detector.load(ref_model, device="cpu")
+    judged, other = fault_clip(7), fault_clip(8)
+    other = other + 0.05 * np.sin(2 * np.pi * 5000 * np.arange(len(other)) / RATE).astype(np.float32)
+    before = det.score_windows(np.stack([judged, other]))
+    assert before[0] > det.threshold, "the test clip must alarm to begin with"
+    overlaid = with_reference(det, det.embed(judged[None]).cpu(), [None])
+    after = overlaid.score_windows(np.stack([judged, other]))
+    assert after[0] < det.threshold
+    assert after[1] > det.threshold, "a different fault must still alarm"
+    # the artifact's own detector is untouched
+    assert det.score_windows(judged[None])[0] == pytest.approx(before[0])
+
+
+def test_store_versions_undo_and_bound(tmp_path):
+    store = ReferenceStore(tmp_path, "fan", max_windows=3)
+    assert store.load().windows == 0
+    a = store.add("n-fan-1", "v1", torch.ones(2, 4), [None, None])
+    b = store.add("n-fan-2", "v2", torch.zeros(1, 4), [3])
+    assert (a.version, b.version, b.windows) == (1, 2, 3)
+    with pytest.raises(UsageError, match="bound is 3"):
+        store.add("n-fan-3", "v3", torch.zeros(1, 4), [None])
+    with pytest.raises(UsageError, match="already in the normal reference"):
+        store.add("n-fan-2", "v4", torch.zeros(1, 4), [None])
+    assert store.version() == 2, "refused additions change nothing"
+    assert store.undo("v1").event_id == "n-fan-1"
+    left = store.load()
+    assert left.version == 3 and left.windows == 1 and left.machine_ids == (3,)
+    assert torch.equal(left.embeddings, torch.zeros(1, 4))
+    store.undo()
+    assert store.load().windows == 0
+    with pytest.raises(UsageError, match="nothing to undo"):
+        store.undo()
+
+
+@pytest.mark.parametrize("payload, message", [
+    ([1, 2], "JSON object"), ({"event_id": "x", "verdict": "maybe"}, "normal or fault"),
+    ({"event_id": 3, "verdict": "normal"}, "alarm id"),
+    ({"event_id": "x", "verdict": "fault", "extra": 1}, "unknown key"),
+    ({"event_id": "x", "verdict": "fault", "note": "n" * 600}, "at most 500")])
+def test_malformed_verdicts_are_refused(payload, message):
+    with pytest.raises(UsageError, match=message):
+        Verdict.from_json(payload)
+
+
+def test_event_source_takes_the_longest_matching_source():
+    assert event_source("n1-fan-a-1700000000000", "n1", ["fan", "fan-a"]) == "fan-a"
+    with pytest.raises(UsageError, match="unknown event"):
+        event_source("n1-pump-1700000000000", "n1", ["fan"])
+
+
+# --------------------------------------------------------------------------- a running daemon
+
+
+def _config(tmp_path: Path, model: Path, watch_dir: Path) -> Path:
+    cfg = tmp_path / "harken.yaml"
+    cfg.write_text(f"""\
+node: n1
+state_dir: {tmp_path / 'state'}
+jsonl: {tmp_path / 'out.jsonl'}
+device: cpu
+alarm: {{k: 1, n: 1, hold_s: 0}}
+sources:
+  - id: fan
+    kind: folder
+    model: {model}
+    path: {watch_dir}
+    watch: true
+    poll_s: 0.2
+""")
+    return cfg
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _wait(predicate, what: str, proc: subprocess.Popen, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s  # bounds a hang only; asserts no speed
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"the daemon exited while waiting for {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
+    watch = tmp_path / "in"
+    watch.mkdir()
+    cfg = _config(tmp_path, ref_model, watch)
+    out = tmp_path / "out.jsonl"
+    clip = tmp_path / "fault.wav"
+    sf.write(clip, fault_clip(7), RATE, subtype="PCM_16")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    log = tmp_path / "daemon.log"
+    log_file = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config", str(cfg)],
+                            env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+
+    def loaded(version: int) -> bool:  # the daemon's own word that it took the new overlay
+        return any('"reference_loaded"' in ln and f'"version": {version}' in ln
+                   for ln in log.read_text().splitlines())
+
+    try:
+        def score_of(name: str):
+            return next((ln for ln in _lines(out) if ln.get("file", "").endswith(name)
+                         and "score" in ln), None)
+
+        shutil.copy(clip, watch / "a.wav")
+        first = _wait(lambda: score_of("a.wav"), "the first score", proc)
+        assert first["anomaly"]
+        start = _wait(lambda: next((ln for ln in _lines(out) if ln.get("type") == "start"), None),
+                      "the alarm", proc)
+        _wait(lambda: (tmp_path / "state" / "evidence").is_dir()
+              and any((tmp_path / "state" / "evidence").glob("*.wav")), "the evidence clip", proc)
+
+        # mistakes: one line, exit 2, nothing recorded
+        bad = harken("verdict", "set", "--config", str(cfg), start["id"], "maybe")
+        assert bad.returncode == 2 and "normal or fault" in bad.stderr
+        unknown = harken("verdict", "set", "--config", str(cfg), "n1-fan-123", "normal")
+        assert unknown.returncode == 2 and "unknown event" in unknown.stderr
+        assert ReferenceStore(tmp_path / "state", "fan").version() == 0
+
+        ok = harken("verdict", "set", "--config", str(cfg), start["id"], "normal",
+                    "--note", "door slam")
+        assert ok.returncode == 0, ok.stderr
+        recorded = json.loads(ok.stdout)
+        assert recorded["reference_version"] == 1
+        assert any((tmp_path / "state" / "labelled" / "fan").glob("normal_id_00_*.wav"))
+        listed = json.loads(harken("verdict", "list", "--config", str(cfg)).stdout)
+        assert listed["fan"]["verdicts"][0]["note"] == "door slam"
+
+        _wait(lambda: loaded(1), "the daemon to load reference version 1", proc)
+        shutil.copy(clip, watch / "b.wav")
+        again = _wait(lambda: score_of("b.wav"), "the replayed clip's score", proc)
+        assert not again["anomaly"], f"still alarms after a normal verdict: {again}"
+
+        undo = harken("verdict", "undo", "--config", str(cfg), "--source", "fan")
+        assert undo.returncode == 0 and json.loads(undo.stdout)["undone"] == recorded["verdict_id"]
+        _wait(lambda: loaded(2), "the daemon to load reference version 2", proc)
+        shutil.copy(clip, watch / "c.wav")
+        restored = _wait(lambda: score_of("c.wav"), "the score after undo", proc)
+        assert restored["anomaly"]
+        assert restored["score"] == pytest.approx(first["score"], rel=1e-5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log_file.close()
