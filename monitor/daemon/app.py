@@ -91,6 +91,8 @@ class Daemon:
         # normal reference overlay gets its own, monitor/daemon/reference_watch.py)
         self.model_keys: dict[str, str] = {s.id: s.model for s in config.sources}
         self.references = None
+        self.web_sink = None
+        self.web = None
 
     # ------------------------------------------------------------------ init
 
@@ -111,6 +113,11 @@ class Daemon:
                                        password=resolve_mqtt_password(cfg.mqtt)))
         if cfg.jsonl is not None or cfg.mqtt is None:
             sinks.append(JsonlPublisher(cfg.jsonl or "-", node=self.node))
+        if cfg.web.enabled:  # issue 16: the operator's page is one more sink
+            from monitor.daemon.web import WebSink
+
+            self.web_sink = WebSink([s.id for s in cfg.sources])
+            sinks.append(self.web_sink)
         self.publisher = sinks[0] if len(sinks) == 1 else FanoutPublisher(sinks)
 
     def init_models(self) -> None:
@@ -226,6 +233,8 @@ class Daemon:
                           port=self.config.metrics.port)
         self.event_worker.start()
         self.worker.start()
+        if self.web_sink is not None:
+            self.start_web()
         started: list[Source] = []
         try:
             for sid, source in self.sources.items():
@@ -244,6 +253,17 @@ class Daemon:
         self.notifier.ready()
         self.log.info("daemon_ready", node=self.node, sources=list(self.sources),
                       models=list(self.detectors))
+
+    def start_web(self) -> None:
+        from monitor.daemon.verdict_service import verdict_handler
+        from monitor.daemon.web import WebServer, read_token
+
+        web = self.config.web
+        self.web = WebServer(self.web_sink, host=web.host, port=web.port,
+                             token=read_token(web.token_file),
+                             on_verdict=verdict_handler(self.config, self.state_dir, self.worker,
+                                                        self.detectors))
+        self.web.start()
 
     def run(self) -> int:
         """Start, supervise until asked to stop or every source has ended, stop. Returns 0."""
@@ -289,6 +309,8 @@ class Daemon:
         if self.publisher is not None and self.metrics is not None and self.worker is not None:
             self._update_source_states(final=True)
             self.publish_stats()
+        if self.web is not None:
+            self.web.stop()
         if self.publisher is not None:
             self.publisher.stop()
         self.log.info("daemon_stopped", scored=self.worker.scored if self.worker else 0,

@@ -117,6 +117,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The operator's page (monitor/daemon/web.py); off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # localhost by default: reading the page needs no token there
+    port: int = 8099
+    token_file: str | None = None  # verdicts need it; else $CREDENTIALS_DIRECTORY/web_token
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     sources: tuple[SourceConfig, ...]
     node: str = field(default_factory=lambda: default_node())
@@ -137,6 +147,7 @@ class DaemonConfig:
     metrics: MetricsConfig = MetricsConfig()
     # windows a source's normal reference overlay may hold (monitor/reference.py)
     reference_max_windows: int = 500
+    web: WebConfig = WebConfig()
 
 
 # --------------------------------------------------------------------------- loading
@@ -297,6 +308,7 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     check(cfg.evidence.max_bytes >= 1, "evidence.max_bytes", f"must be >= 1, got {cfg.evidence.max_bytes}")
     check(cfg.reference_max_windows >= 1, "reference_max_windows",
           f"must be >= 1, got {cfg.reference_max_windows}")
+    check(0 <= cfg.web.port <= 65535, "web.port", f"must be in 0-65535 (0: any free), got {cfg.web.port}")
     check(1 <= cfg.metrics.port <= 65535, "metrics.port", f"must be in 1-65535, got {cfg.metrics.port}")
     if cfg.mqtt is not None:
         m = cfg.mqtt
