@@ -93,6 +93,7 @@ class Daemon:
         self.references = None
         self.web_sink = None
         self.web = None
+        self.mqtt_verdicts = None
 
     # ------------------------------------------------------------------ init
 
@@ -235,6 +236,8 @@ class Daemon:
         self.worker.start()
         if self.web_sink is not None:
             self.start_web()
+        if self.config.mqtt is not None and self.config.mqtt.verdicts:
+            self.start_mqtt_verdicts()
         started: list[Source] = []
         try:
             for sid, source in self.sources.items():
@@ -264,6 +267,21 @@ class Daemon:
                              on_verdict=verdict_handler(self.config, self.state_dir, self.worker,
                                                         self.detectors))
         self.web.start()
+
+    def start_mqtt_verdicts(self) -> None:
+        from monitor.daemon.mqtt_verdicts import MqttVerdictListener
+        from monitor.daemon.verdict_service import verdict_handler
+
+        def latest_event(source: str) -> str | None:
+            starts = [e.id for e in list(self.events) if e.source == source and e.type == "start"]
+            return starts[-1] if starts else None
+
+        assert self.config.mqtt is not None
+        self.mqtt_verdicts = MqttVerdictListener(
+            self.config.mqtt, node=self.node, source_ids=[s.id for s in self.config.sources],
+            password=resolve_mqtt_password(self.config.mqtt), latest_event=latest_event,
+            handle=verdict_handler(self.config, self.state_dir, self.worker, self.detectors))
+        self.mqtt_verdicts.start()
 
     def run(self) -> int:
         """Start, supervise until asked to stop or every source has ended, stop. Returns 0."""
@@ -311,6 +329,8 @@ class Daemon:
             self.publish_stats()
         if self.web is not None:
             self.web.stop()
+        if self.mqtt_verdicts is not None:
+            self.mqtt_verdicts.stop()
         if self.publisher is not None:
             self.publisher.stop()
         self.log.info("daemon_stopped", scored=self.worker.scored if self.worker else 0,

@@ -71,6 +71,8 @@ class MqttConfig:
     discovery: bool = False  # Home Assistant MQTT discovery
     discovery_prefix: str = "homeassistant"
     outbox_max_events: int = 10_000  # durable outbox bound (events and alarm states)
+    # accept verdicts on <prefix>/<node>/<source>/verdict/set (monitor/daemon/mqtt_verdicts.py)
+    verdicts: bool = False
 
 
 @dataclass(frozen=True)

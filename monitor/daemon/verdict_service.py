@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from monitor.errors import UsageError
-from monitor.verdicts import Verdict, record_verdict
+from monitor.verdicts import Verdict, event_source, record_verdict
 
 EMBED_TIMEOUT_S = 120.0
 
@@ -34,8 +34,11 @@ def verdict_handler(cfg, state_dir: Path, worker, detectors: Mapping[str, object
             raise UsageError("the inference worker did not embed the clip in time; "
                              "try again") from None
 
-    def handle(data: object) -> dict:
+    def handle(data: object, source: str | None = None) -> dict:
+        """source: where the verdict came from (an MQTT topic); the event must be its own."""
         verdict = Verdict.from_json(data)
+        if source is not None and event_source(verdict.event_id, cfg.node, list(by_id)) != source:
+            raise UsageError(f"event {verdict.event_id[:100]} is not an alarm of source {source}")
         return record_verdict(state_dir, node=cfg.node, source_ids=list(by_id), verdict=verdict,
                               window_s_of=lambda s: by_id[s].window_s,
                               machine_id_of=lambda s: by_id[s].machine_id, embed=embed,
