@@ -33,10 +33,13 @@ lock:
 	@test -x .lock-venv/bin/uv || { $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet uv==$(UV_VERSION); }
 	.lock-venv/bin/uv pip compile $(LOCK_ARGS) -o $(LOCK)
 
-# mosquitto: the tests start their own broker; libportaudio2: sounddevice's C library.
+# mosquitto: the tests start their own broker; libportaudio2: sounddevice's C library;
+# chromium + chromium-driver: the operator's page is tested in a real headless browser.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	ldconfig -p 2>/dev/null | grep -q 'libportaudio\.so\.2' || missing="$$missing libportaudio2"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
