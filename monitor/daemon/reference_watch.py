@@ -9,11 +9,14 @@ entry and its batches with the other sources again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 from monitor.reference import ReferenceStore
+
+POLL_EVERY_S = 1.0
 
 
 class ReferenceWatcher:
@@ -26,8 +29,14 @@ class ReferenceWatcher:
         self.model_keys = model_keys
         self.versions: dict[str, int] = {sid: 0 for sid in models}
         self._log = get_logger(stage="reference")
+        self._next_poll_mono_s = 0.0
 
     def poll(self) -> None:
+        """At most once a second: with 100 sources that is 100 small reads a second."""
+        now = time.monotonic()
+        if now < self._next_poll_mono_s and self.worker.ident is not None:
+            return
+        self._next_poll_mono_s = now + POLL_EVERY_S
         for sid, store in self.stores.items():
             try:
                 version = store.version()

@@ -180,3 +180,18 @@ sources:
         proc.terminate()
         proc.wait(timeout=60)
         log_file.close()
+
+
+def test_the_sink_stays_bounded_and_pages():
+    from monitor.daemon.types import AlarmEvent
+    from monitor.daemon.web import EVENTS_KEPT, PAGE_MAX, WebSink
+
+    sink = WebSink(["fan"])
+    slow = sink.subscribe()  # a page that never reads
+    for i in range(EVENTS_KEPT + 50):
+        sink.publish_event(AlarmEvent("start", f"n1-fan-{i}", "fan", float(i), 2.0, 1.0))
+    assert slow.qsize() == slow.maxsize and sink.clients_dropped > 0
+    page = sink.event_page(0, PAGE_MAX)
+    assert page["total"] == EVENTS_KEPT
+    assert page["events"][0]["id"] == f"n1-fan-{EVENTS_KEPT + 49}", "newest first"
+    assert sink.event_page(EVENTS_KEPT - 1, PAGE_MAX)["events"][0]["id"] == "n1-fan-50"
