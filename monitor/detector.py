@@ -114,6 +114,11 @@ class Detector:
                 prefix = f"scorer.{cfg['name']}."
                 own = {k[len(prefix):]: v for k, v in art.tensors.items() if k.startswith(prefix)}
                 scorers[cfg["name"]] = load_scorer(cfg, own)
+                if cfg.get("exemplars"):  # judged-normal windows, from `harken model export`
+                    from monitor.overlay import ExemplarGaussianScorer
+
+                    scorers[cfg["name"]] = ExemplarGaussianScorer(scorers[cfg["name"]],
+                                                                  own["exemplars"].float())
         except KeyError as exc:
             raise ArtifactError(f"{where}: missing entry {exc} (artifact incomplete or corrupted)") from None
         except (TypeError, ValueError, AttributeError, IndexError) as exc:  # hand-edited entries

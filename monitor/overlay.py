@@ -46,10 +46,11 @@ class ExemplarGaussianScorer:
         return torch.minimum(own, near)
 
     def config(self) -> dict:
-        return self.base.config()
+        # an exported artifact (`harken model export`) keeps its exemplars
+        return {**self.base.config(), "exemplars": int(self.exemplars.shape[0])}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.base.state_tensors()
+        return {**self.base.state_tensors(), "exemplars": self.exemplars}
 
 
 def _with_bank(base: KnnScorer, z: torch.Tensor, machine_ids: Sequence[int | None]) -> KnnScorer:
@@ -63,7 +64,11 @@ def _with_bank(base: KnnScorer, z: torch.Tensor, machine_ids: Sequence[int | Non
         for k in targets:
             if k != POOLED:
                 banks[k] = torch.cat([banks[k], z[i:i + 1].to(banks[k])])
-    banks[POOLED] = torch.cat([banks[POOLED], z.to(banks[POOLED])])
+    ids = [k for k in banks if k != POOLED]
+    if ids:  # as KnnScorer builds it from an artifact: the pooled bank is every ID's bank
+        banks[POOLED] = torch.cat([banks[k] for k in ids])
+    else:
+        banks[POOLED] = torch.cat([banks[POOLED], z.to(banks[POOLED])])
     out = KnnScorer(banks, base.k, base.metric, base.view)
     out.name = base.name
     return out

@@ -29,6 +29,14 @@ def register(sub) -> None:
     ls.add_argument("--config", required=True)
     ls.set_defaults(func=cmd_verdict_list)
 
+    m = sub.add_parser("model", help="models and their normal reference overlays")
+    ms = m.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    e = ms.add_parser("export", help="a source's model with its normal reference, as a new artifact")
+    e.add_argument("--config", required=True)
+    e.add_argument("--source", required=True)
+    e.add_argument("--out", required=True, help="the new artifact's directory")
+    e.set_defaults(func=cmd_model_export)
+
 
 def _config(path: str):
     from monitor.daemon.config import load_config
@@ -79,4 +87,20 @@ def cmd_verdict_list(args) -> int:
         out[s.id] = {"version": overlay.version, "windows": overlay.windows,
                      "verdicts": [e.to_json() for e in overlay.entries]}
     print(json.dumps(out))
+    return 0
+
+
+def cmd_model_export(args) -> int:
+    from monitor.daemon.config import resolve_state_dir
+    from monitor.model_export import export_with_reference
+    from monitor.reference import ReferenceStore
+
+    cfg = _config(args.config)
+    by_id = {s.id: s for s in cfg.sources}
+    if args.source not in by_id:
+        raise UsageError(f"--source: no source {args.source!r} in {args.config}")
+    overlay = ReferenceStore(resolve_state_dir(cfg), args.source).load()
+    out = export_with_reference(by_id[args.source].model, overlay, args.out, source=args.source)
+    print(json.dumps({"artifact": str(out), "source": args.source, "reference_version":
+                      overlay.version, "windows": overlay.windows}))
     return 0

@@ -187,6 +187,15 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
         again = _wait(lambda: score_of("b.wav"), "the replayed clip's score", proc)
         assert not again["anomaly"], f"still alarms after a normal verdict: {again}"
 
+        exported = harken("model", "export", "--config", str(cfg), "--source", "fan",
+                          "--out", str(tmp_path / "exported"))
+        assert exported.returncode == 0, exported.stderr
+        assert json.loads(exported.stdout)["windows"] == 1
+        assert (tmp_path / "exported" / "manifest.json").is_file()
+        bad_out = harken("model", "export", "--config", str(cfg), "--source", "fan",
+                         "--out", str(ref_model))
+        assert bad_out.returncode == 2 and "never modified" in bad_out.stderr
+
         undo = harken("verdict", "undo", "--config", str(cfg), "--source", "fan")
         assert undo.returncode == 0 and json.loads(undo.stdout)["undone"] == recorded["verdict_id"]
         _wait(lambda: loaded(2), "the daemon to load reference version 2", proc)
@@ -198,3 +207,22 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
         proc.terminate()
         proc.wait(timeout=60)
         log_file.close()
+
+
+def test_export_folds_the_reference_into_a_new_artifact(tmp_path, ref_model):
+    from monitor.model_export import export_with_reference
+
+    det = Detector.load(ref_model, device="cpu")
+    judged = fault_clip(7)
+    store = ReferenceStore(tmp_path / "state", "fan")
+    overlay = store.add("n1-fan-1", "v1", det.embed(judged[None]).cpu(), [None])
+    with pytest.raises(UsageError, match="never modified"):
+        export_with_reference(ref_model, overlay, ref_model, source="fan")
+    out = export_with_reference(ref_model, overlay, tmp_path / "exported", source="fan")
+    exported = Detector.load(out, device="cpu")
+    live = with_reference(det, overlay.embeddings, overlay.machine_ids)
+    assert exported.score_windows(judged[None])[0] == pytest.approx(
+        live.score_windows(judged[None])[0], rel=1e-5, abs=1e-6)
+    assert exported.score_windows(judged[None])[0] < det.threshold
+    assert exported.manifest["reference_overlay"]["windows"] == 1
+    assert Detector.load(ref_model, device="cpu").score_windows(judged[None])[0] > det.threshold
