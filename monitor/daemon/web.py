@@ -263,8 +263,11 @@ def _handler_for(server: WebServer):
                 server._log.warning("verdict_rejected", reason="token")
                 return self._json(401, {"error": "a verdict needs the page's token "
                                                  "(Authorization: Bearer ...)"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self._json(400, {"error": "Content-Length must be a number"})
+            if not 0 <= length <= MAX_BODY_BYTES:
                 return self._json(413, {"error": f"at most {MAX_BODY_BYTES} bytes"})
             try:
                 data = json.loads(self.rfile.read(length) or b"null")
