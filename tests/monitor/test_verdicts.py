@@ -100,7 +100,9 @@ def test_event_source_takes_the_longest_matching_source():
 # --------------------------------------------------------------------------- a running daemon
 
 
-def _config(tmp_path: Path, model: Path, watch_dir: Path) -> Path:
+def _config(tmp_path: Path, model: Path, watch_dir: Path, extra: str = "") -> Path:
+    """A daemon config with one watched folder source `fan` on node n1; `extra` adds top-level
+    YAML lines (a `web:` or `mqtt:` section)."""
     cfg = tmp_path / "harken.yaml"
     cfg.write_text(f"""\
 node: n1
@@ -108,7 +110,7 @@ state_dir: {tmp_path / 'state'}
 jsonl: {tmp_path / 'out.jsonl'}
 device: cpu
 alarm: {{k: 1, n: 1, hold_s: 0}}
-sources:
+{extra}sources:
   - id: fan
     kind: folder
     model: {model}
@@ -117,6 +119,15 @@ sources:
     poll_s: 0.2
 """)
     return cfg
+
+
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen:
+    """`harken monitor` on `cfg` as a subprocess of this checkout, its output in `log`."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config",
+                                 str(cfg)], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                text=True)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -143,11 +154,8 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
     out = tmp_path / "out.jsonl"
     clip = tmp_path / "fault.wav"
     sf.write(clip, fault_clip(7), RATE, subtype="PCM_16")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     log = tmp_path / "daemon.log"
-    log_file = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config", str(cfg)],
-                            env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = start_daemon(cfg, log)
 
     def loaded(version: int) -> bool:  # the daemon's own word that it took the new overlay
         return any('"reference_loaded"' in ln and f'"version": {version}' in ln
@@ -206,7 +214,6 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        log_file.close()
 
 
 def test_export_folds_the_reference_into_a_new_artifact(tmp_path, ref_model):

@@ -16,7 +16,7 @@ from monitor.reference import ReferenceStore
 from tests.helpers import RATE
 from tests.monitor.daemon.conftest import Collector
 from tests.monitor.daemon.test_web import ref_model  # noqa: F401 - the module's fixture
-from tests.monitor.test_verdicts import _lines, _wait, fault_clip
+from tests.monitor.test_verdicts import _config, _lines, _wait, fault_clip, start_daemon
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -24,31 +24,14 @@ REPO = Path(__file__).resolve().parents[3]
 def test_mqtt_verdicts_and_buttons(tmp_path, broker, ref_model):  # noqa: F811
     watch = tmp_path / "in"
     watch.mkdir()
-    cfg = tmp_path / "harken.yaml"
-    cfg.write_text(f"""\
-node: n1
-state_dir: {tmp_path / 'state'}
-jsonl: {tmp_path / 'out.jsonl'}
-device: cpu
-alarm: {{k: 1, n: 1, hold_s: 0}}
-mqtt: {{host: {broker.host}, port: {broker.port}, verdicts: true, discovery: true,
-        reconnect_min_s: 0.2, reconnect_max_s: 0.5}}
-sources:
-  - id: fan
-    kind: folder
-    model: {ref_model}
-    path: {watch}
-    watch: true
-    poll_s: 0.2
-""")
+    cfg = _config(tmp_path, ref_model, watch, extra=(
+        f"mqtt: {{host: {broker.host}, port: {broker.port}, verdicts: true, discovery: true,\n"
+        "        reconnect_min_s: 0.2, reconnect_max_s: 0.5}\n"))
     clip = tmp_path / "fault.wav"
     sf.write(clip, fault_clip(7), RATE, subtype="PCM_16")
     collector = Collector(broker, topics=("harken/#", "homeassistant/#"))
     log = tmp_path / "daemon.log"
-    log_file = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config", str(cfg)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    proc = start_daemon(cfg, log)
     out = tmp_path / "out.jsonl"
     answers = "harken/n1/fan/verdict"
 
@@ -89,5 +72,4 @@ sources:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        log_file.close()
         collector.client.loop_stop()

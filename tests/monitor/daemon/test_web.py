@@ -18,7 +18,8 @@ import soundfile as sf
 
 from monitor.reference import ReferenceStore
 from tests.helpers import RATE
-from tests.monitor.test_verdicts import REF_TRAIN_YAML, _lines, _wait, fault_clip
+from tests.monitor.test_verdicts import (REF_TRAIN_YAML, _config, _lines, _wait, fault_clip,
+                                         start_daemon)
 from tests.webdriver import CHROMEDRIVER, CHROMIUM, Browser
 
 REPO = Path(__file__).resolve().parents[3]
@@ -59,30 +60,13 @@ def test_page_stream_verdict_and_browser(tmp_path, ref_model):
     watch = tmp_path / "in"
     watch.mkdir()
     (tmp_path / "token").write_text(TOKEN + "\n")
-    cfg = tmp_path / "harken.yaml"
-    cfg.write_text(f"""\
-node: n1
-state_dir: {tmp_path / 'state'}
-jsonl: {tmp_path / 'out.jsonl'}
-device: cpu
-stats_interval_s: 1
-alarm: {{k: 1, n: 1, hold_s: 0}}
-web: {{enabled: true, port: 0, token_file: {tmp_path / 'token'}}}
-sources:
-  - id: fan
-    kind: folder
-    model: {ref_model}
-    path: {watch}
-    watch: true
-    poll_s: 0.2
-""")
+    cfg = _config(tmp_path, ref_model, watch, extra=(
+        "stats_interval_s: 1\n"
+        f"web: {{enabled: true, port: 0, token_file: {tmp_path / 'token'}}}\n"))
     clip = tmp_path / "fault.wav"
     sf.write(clip, fault_clip(7), RATE, subtype="PCM_16")
     log = tmp_path / "daemon.log"
-    log_file = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config", str(cfg)],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    proc = start_daemon(cfg, log)
     out = tmp_path / "out.jsonl"
 
     def logged(event: str, **fields):
@@ -179,7 +163,6 @@ sources:
             browser.close()
         proc.terminate()
         proc.wait(timeout=60)
-        log_file.close()
 
 
 def test_the_sink_stays_bounded_and_pages():
