@@ -59,6 +59,19 @@ class AlarmStateMachine:
             return [event]
         return []
 
+    def snapshot(self) -> dict:
+        """Everything update() depends on, as JSON (the alarm stage checkpoints it)."""
+        return {"on": self.on, "alarm_id": self.alarm_id, "seq": self._seq,
+                "peak": self._peak if self.on else None, "last_above_end_s": self._last_above_end_s,
+                "alarms": self.alarms, "rule": self.rule.snapshot()}
+
+    def restore(self, state: dict) -> None:
+        self.on, self.alarm_id, self._seq = bool(state["on"]), state["alarm_id"], int(state["seq"])
+        self._peak = float("-inf") if state["peak"] is None else float(state["peak"])
+        self._last_above_end_s = float(state["last_above_end_s"])
+        self.alarms = int(state["alarms"])
+        self.rule.restore(state["rule"])
+
     def _event(self, kind: str, score: Score) -> AlarmEvent:
         event = AlarmEvent(type=kind, id=self.alarm_id or "", source=self.source,
                            ts=score.window_start_s if kind == "start" else score.window_end_s,

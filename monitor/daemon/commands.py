@@ -50,6 +50,8 @@ def cmd_check_config(args) -> int:
         return 2
     assert cfg is not None
     kinds = ", ".join(f"{s.id} ({s.kind})" for s in cfg.sources)
+    if cfg.role != "all":  # issue 17: a role loads its models by name where it runs
+        args.no_models = True
     if not args.no_models:  # the threshold each source will alarm at, and what it costs
         from monitor.daemon.thresholds import source_alarm_lines
 
@@ -71,6 +73,10 @@ def cmd_monitor(args) -> int:
 
     configure_logging(args.monitor_log_level or "info")
     cfg = load_config(args.config)
+    if cfg.role != "all":  # issue 17: capture / worker / alarms (monitor/daemon/roles/)
+        from monitor.daemon.roles import run_role
+
+        return run_role(cfg, _on_stop_signals)
     daemon = Daemon(cfg)
 
     def on_signal(signum, frame) -> None:
@@ -82,3 +88,9 @@ def cmd_monitor(args) -> int:
         return daemon.run()
     finally:
         daemon.stop()  # idempotent; stops sources and flushes sinks on an unexpected error too
+
+
+def _on_stop_signals(stop) -> None:
+    """SIGTERM and SIGINT call `stop()` (a role's request_stop: it only sets an event)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop())

@@ -19,6 +19,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from monitor.daemon.roles.settings import DistributedConfig, distributed_problems  # issue 17
 from monitor.errors import UsageError
 from monitor.yamlsafe import load_yaml_file, short_repr
 
@@ -130,7 +131,7 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    sources: tuple[SourceConfig, ...]
+    sources: tuple[SourceConfig, ...] = ()  # none for role worker / alarms
     node: str = field(default_factory=lambda: default_node())
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): autocast for the networks
@@ -150,6 +151,9 @@ class DaemonConfig:
     # windows a source's normal reference overlay may hold (monitor/reference.py)
     reference_max_windows: int = 500
     web: WebConfig = WebConfig()
+    # issue 17: all (single box) | capture | worker | alarms (monitor/daemon/roles/)
+    role: str = "all"
+    distributed: DistributedConfig = DistributedConfig()
 
 
 # --------------------------------------------------------------------------- loading
@@ -331,7 +335,7 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
         check(m.outbox_max_events >= 1, "mqtt.outbox_max_events", f"must be >= 1, got {m.outbox_max_events}")
         if m.password_file is not None:
             check(Path(m.password_file).is_file(), "mqtt.password_file", f"{_clip(m.password_file)}: no such file")
-    check(len(cfg.sources) >= 1, "sources", "at least one source is needed")
+    problems += distributed_problems(cfg)  # role and distributed: (and "no sources")
     seen: dict[str, int] = {}
     for i, s in enumerate(cfg.sources):
         if s is None:  # its own problems were reported while loading
@@ -582,7 +586,7 @@ def config_problems(data: dict, *, check_models: bool = True,
     problems += validate(cfg, check_paths=check_models)
     if check_files and not problems:
         problems += file_problems(cfg)
-    if check_models and not problems:
+    if check_models and not problems and cfg.role == "all":  # issue 17: roles load by name
         problems += model_problems(cfg)
     return (None if problems else cfg), problems
 

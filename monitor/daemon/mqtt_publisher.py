@@ -62,10 +62,12 @@ def check_subscription_topic(value: str | None, what: str) -> str:
     return value
 
 
-def make_client(mqtt: MqttConfig, *, client_id: str, password: str | None) -> paho.Client:
-    """A paho 2.x client (MQTT v5) with credentials, TLS and reconnect back-off applied."""
+def make_client(mqtt: MqttConfig, *, client_id: str, password: str | None,
+                manual_ack: bool = False) -> paho.Client:
+    """A paho 2.x client (MQTT v5) with credentials, TLS and reconnect back-off applied.
+    manual_ack: QoS 1 messages are acknowledged by `client.ack()` once handled (issue 17)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=paho.MQTTv5)
+                         protocol=paho.MQTTv5, manual_ack=manual_ack)
     if mqtt.username:
         client.username_pw_set(mqtt.username, password)
     if mqtt.tls is not None:

@@ -42,6 +42,11 @@ class AlarmRule(Protocol):
     def reset(self) -> None:
         """Called when an alarm has ended."""
 
+    def snapshot(self) -> list | float:
+        """The rule's state as JSON (AlarmStateMachine.snapshot)."""
+
+    def restore(self, state) -> None: ...
+
 
 class KOfNRule:
     name = "kofn"
@@ -59,6 +64,12 @@ class KOfNRule:
 
     def reset(self) -> None:
         self._recent.clear()  # a new alarm needs k fresh exceedances
+
+    def snapshot(self) -> list:
+        return list(self._recent)
+
+    def restore(self, state) -> None:
+        self._recent = deque((bool(x) for x in state), maxlen=self.n)
 
 
 class EwmaRule:
@@ -79,6 +90,12 @@ class EwmaRule:
     def reset(self) -> None:
         pass  # the average decays by itself; resetting it would hide a fault still present
 
+    def snapshot(self) -> float:
+        return self.value
+
+    def restore(self, state) -> None:
+        self.value = float(state)
+
 
 class CusumRule:
     name = "cusum"
@@ -95,3 +112,9 @@ class CusumRule:
 
     def reset(self) -> None:
         pass  # the sum has fallen below h for hold_s already; it drains on its own
+
+    def snapshot(self) -> float:
+        return self.value
+
+    def restore(self, state) -> None:
+        self.value = float(state)

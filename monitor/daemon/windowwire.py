@@ -13,6 +13,7 @@ import soundfile as sf
 
 SAMPLE_RATE_HZ = 16000
 MAX_WINDOW_S = 600.0
+MAX_LABEL_CHARS = 300
 # A model name is one directory under the worker's models directory: no separators, no "..".
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SOURCE_NAME = re.compile(r"^[^/#+\x00]{1,200}$")
@@ -30,6 +31,8 @@ class WireWindow:
     start_time_s: float  # wall-clock capture time of the first sample
     samples: np.ndarray  # (window samples,) float32, 16 kHz mono
     machine_id: int | None = None
+    hop_s: float | None = None  # the source's hop: the alarm threshold depends on it
+    label: str | None = None  # the file a folder source read it from
 
     @property
     def duration_s(self) -> float:
@@ -54,6 +57,10 @@ def encode(window: WireWindow) -> tuple[bytes, list[tuple[str, str]]]:
              ("window_start", repr(float(window.start_time_s)))]
     if window.machine_id is not None:
         props.append(("machine_id", str(int(window.machine_id))))
+    if window.hop_s is not None:
+        props.append(("hop_s", repr(float(window.hop_s))))
+    if window.label is not None:
+        props.append(("label", window.label[:MAX_LABEL_CHARS]))
     return buf.getvalue(), props
 
 
@@ -72,10 +79,13 @@ def decode(payload: bytes, props: list[tuple[str, str]]) -> WireWindow:
         seq = int(p["seq"])
         start = float(p["window_start"])
         machine_id = int(p["machine_id"]) if "machine_id" in p else None
+        hop_s = float(p["hop_s"]) if "hop_s" in p else None
     except ValueError as exc:
         raise WireError(f"bad number in user properties: {exc}") from None
     if seq < 0 or not math.isfinite(start):
         raise WireError(f"bad seq/window_start ({seq}, {start})")
+    if hop_s is not None and not (math.isfinite(hop_s) and 0 < hop_s <= MAX_WINDOW_S):
+        raise WireError(f"bad hop_s {hop_s}")
     try:
         samples, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -87,4 +97,5 @@ def decode(payload: bytes, props: list[tuple[str, str]]) -> WireWindow:
     if not np.all(np.isfinite(samples)):
         raise WireError("samples are not finite")
     return WireWindow(source=source, model=model, seq=seq, start_time_s=start, samples=samples,
-                      machine_id=machine_id)
+                      machine_id=machine_id, hop_s=hop_s,
+                      label=p["label"][:MAX_LABEL_CHARS] if "label" in p else None)

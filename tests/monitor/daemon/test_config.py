@@ -81,7 +81,8 @@ def test_required_keys_and_kind_specific_keys(tmp_path):
     assert "sources[1].kind: an mqtt source needs the top-level mqtt: section" in problems
     assert "sources[1].topic: required for an mqtt source" in problems
     assert "sources[2].watch: only a folder source takes this key" in problems
-    assert problems_of({"node": "x"}) == ["sources: required key is missing"]
+    # issue 17: `sources` may be absent (role worker / alarms); role all still needs one
+    assert problems_of({"node": "x"}) == ["sources: at least one source is needed"]
     dup = problems_of({"sources": [folder_source(tmp_path), folder_source(tmp_path)]})
     assert dup == ["sources[1].id: 's1' is already used by sources[0]"]
 

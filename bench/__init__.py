@@ -1,0 +1,1 @@
+"""Benchmarks and broker measurements for harken (run with `python -m bench.<name>`)."""

@@ -1,0 +1,288 @@
+"""`role: capture`: the sources of a cheap edge box, each complete window published as one
+window message (monitor/daemon/windowwire.py) at QoS 1 on `<prefix>/<node>/<source>/window`
+through a durable outbox (window_outbox.py). Nothing is scored here.
+
+Threads: the sources (as in the single-box daemon) cut windows into one bounded queue; one
+sender thread writes them to the outbox and hands at most IN_CLIENT_MAX of them at a time to
+paho; paho's thread removes a row on its PUBACK. The main thread supervises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from monitor.daemon import windowwire
+from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
+from monitor.daemon.notify import SystemdNotifier
+from monitor.daemon.ratelimit import RateLimitedWarning
+from monitor.daemon.ringbuffer import RingBuffer
+from monitor.daemon.roles.session import RoleConnection
+from monitor.daemon.roles.window_outbox import WindowOutbox
+from monitor.daemon.types import AudioBlock, Source, Window
+from monitor.logs import get_logger
+
+IN_CLIENT_MAX = 64  # windows handed to paho at once: the rest wait on disk, not in memory
+QUEUE_MAX_WINDOWS = 256  # windows cut but not yet on disk
+SEQ_BLOCK = 1000  # sequence numbers reserved on disk at a time
+
+
+class SeqCounter:
+    """Per-source window numbers that never repeat across restarts: blocks of SEQ_BLOCK are
+    reserved in `<state>/capture_seq.json` (atomically replaced), so a restart skips ahead to
+    the next block (a gap the alarm stage waits out) instead of re-using numbers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._reserved: dict[str, int] = json.loads(path.read_text())
+        except FileNotFoundError:
+            self._reserved = {}
+        self._next = dict(self._reserved)
+        self._lock = threading.Lock()
+
+    def take(self, source: str) -> int:
+        with self._lock:
+            seq = self._next.get(source, 0)
+            self._next[source] = seq + 1
+            if seq >= self._reserved.get(source, 0):
+                self._reserved[source] = seq + SEQ_BLOCK
+                tmp = self.path.with_suffix(".tmp")
+                with open(tmp, "w") as f:
+                    json.dump(self._reserved, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            return seq
+
+
+def build_source(cfg: DaemonConfig, s: SourceConfig, state_dir: Path) -> Source:
+    """The same source classes as the single-box daemon."""
+    if s.kind == "folder":
+        from monitor.daemon.folder import FolderSource
+
+        return FolderSource(s, played_path=state_dir / "folders" / f"{s.id}.played.jsonl")
+    if s.kind == "mic":
+        from monitor.daemon.mic import MicSource
+
+        return MicSource(s)
+    from monitor.daemon.mqtt import MqttAudioSource
+
+    assert cfg.mqtt is not None
+    return MqttAudioSource(s, cfg.mqtt, node=cfg.node, password=resolve_mqtt_password(cfg.mqtt),
+                           stall_after_s=cfg.stall_after_s)
+
+
+class CaptureRole:
+    def __init__(self, cfg: DaemonConfig, *, notifier: SystemdNotifier | None = None):
+        self.cfg = cfg
+        self.log = get_logger(stage="capture", node=cfg.node)
+        self._warn = RateLimitedWarning(self.log, every_s=60.0)
+        self.shutdown = threading.Event()
+        self.notifier = notifier or SystemdNotifier()
+        self.state_dir = resolve_state_dir(cfg)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.source_configs = {s.id: s for s in cfg.sources}
+        self.conn = RoleConnection(cfg, client_id=cfg.mqtt.client_id or f"harken-capture-{cfg.node}",
+                                   persistent=False, on_connected=self._on_connected,
+                                   stage="capture")
+        self.prefix, self.node = self.conn.prefix, self.conn.node
+        self.conn.client.on_publish = self._on_publish
+        self.outbox = WindowOutbox(self.state_dir / "window_outbox.sqlite",
+                                   max_rows=cfg.distributed.window_outbox_max)
+        self.seq = SeqCounter(self.state_dir / "capture_seq.json")
+        self.rings = {s.id: RingBuffer(s.id, window_s=s.window_s, hop_s=s.hop_s,
+                                       machine_id=s.machine_id) for s in cfg.sources}
+        self.sources: dict[str, Source] = {}
+        self._queue: deque[Window] = deque()
+        self._cond = threading.Condition()
+        self.queue_dropped = 0
+        # acks: mid -> row; an ack can come before publish() returns (see MqttPublisher)
+        self._ack_lock = threading.Lock()
+        self._mid_rows: dict[int, int] = {}
+        self._early_acks: dict[int, float] = {}
+        self._handed: set[int] = set()
+        self._cursor = 0  # highest row id handed to paho on this connection
+        self._reset_cursor = threading.Event()
+        self.published = 0
+        self.acked = 0
+        self._sender = threading.Thread(target=self._send_loop, name="harken-capture-sender",
+                                        daemon=True)
+
+    # ------------------------------------------------------------------ run
+
+    def request_stop(self) -> None:
+        self.shutdown.set()
+
+    def run(self) -> int:
+        self.conn.start()
+        self._sender.start()
+        for s in self.cfg.sources:
+            self.sources[s.id] = source = build_source(self.cfg, s, self.state_dir)
+            source.start(self._block_sink(s.id), self._window_sink(s))
+        self.notifier.ready()
+        self.log.info("capture_ready", sources=list(self.sources), outbox_pending=len(self.outbox))
+        ended: set[str] = set()
+        while not self.shutdown.wait(0.25):
+            for sid, src in self.sources.items():
+                if src.finished and sid not in ended:
+                    ended.add(sid)
+                    self._publish_state(sid, "ended")
+            if len(ended) == len(self.sources):
+                self.log.info("sources_ended")
+                break
+        return self.stop()
+
+    def stop(self) -> int:
+        self.notifier.stopping()
+        for src in reversed(list(self.sources.values())):
+            src.stop()
+        deadline = time.monotonic() + self.cfg.distributed.drain_timeout_s
+        while (self._queue or len(self.outbox)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.shutdown.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._sender.join(timeout=10)
+        pending = len(self.outbox)
+        if pending:
+            self.log.warning("window_outbox_not_drained", outbox_pending=pending)
+        self.conn.stop()
+        self.outbox.close()
+        self.log.info("capture_stopped", published=self.published, acked=self.acked,
+                      outbox_pending=pending, outbox_dropped=self.outbox.dropped,
+                      queue_dropped=self.queue_dropped)
+        return 0
+
+    # ------------------------------------------------------------------ data path
+
+    def _block_sink(self, sid: str):
+        ring = self.rings[sid]
+
+        def on_block(block: AudioBlock) -> None:
+            for window in ring.push(block):
+                self._enqueue(window, wait=False)
+        return on_block
+
+    def _window_sink(self, s: SourceConfig):
+        wait = s.kind == "folder" and s.speed == "max"  # not live: wait rather than drop
+
+        def on_window(window: Window) -> None:
+            self._enqueue(window, wait=wait)
+        return on_window
+
+    def _enqueue(self, window: Window, *, wait: bool) -> None:
+        with self._cond:
+            while wait and len(self._queue) >= QUEUE_MAX_WINDOWS and not self.shutdown.is_set():
+                self._cond.wait(0.2)
+            if len(self._queue) >= QUEUE_MAX_WINDOWS:
+                old = self._queue.popleft()
+                self.queue_dropped += 1
+                self._warn("window_dropped", old.source, source=old.source,
+                           dropped_total=self.queue_dropped)
+            self._queue.append(window)
+            self._cond.notify_all()
+
+    def _to_message(self, w: Window) -> tuple[str, bytes, list[tuple[str, str]]]:
+        s = self.source_configs[w.source]
+        wire = windowwire.WireWindow(source=w.source, model=Path(s.model).name,
+                                     seq=self.seq.take(w.source), start_time_s=w.start_time_s,
+                                     samples=w.samples, machine_id=w.machine_id, hop_s=s.hop_s,
+                                     label=w.label)
+        payload, props = windowwire.encode(wire)
+        return f"{self.prefix}/{self.node}/{w.source}/window", payload, props
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    if self.shutdown.is_set():
+                        return
+                    self._cond.wait(0.2)  # woken by a new window, an ack or a connect
+                batch = list(self._queue)
+                self._queue.clear()
+                self._cond.notify_all()
+            if batch:
+                evicted = self.outbox.add_many([self._to_message(w) for w in batch])
+                if evicted:
+                    with self._ack_lock:
+                        self._handed.difference_update(evicted)
+                    self._warn("window_outbox_full", "full", dropped_total=self.outbox.dropped,
+                               outbox_max=self.outbox.max_rows)
+            self._hand_rows()
+
+    def _can_hand(self) -> bool:
+        with self._ack_lock:
+            return self.conn.connected.is_set() and len(self._handed) < IN_CLIENT_MAX
+
+    def _hand_rows(self) -> None:
+        if self._reset_cursor.is_set():
+            self._reset_cursor.clear()
+            self._cursor = 0
+        while self._can_hand():
+            with self._ack_lock:
+                room = IN_CLIENT_MAX - len(self._handed)
+            rows = self.outbox.pending_after(self._cursor, room)
+            if not rows:
+                return
+            for row in rows:
+                self._cursor = row.id
+                with self._ack_lock:
+                    if row.id in self._handed:
+                        continue
+                self._hand(row)
+
+    def _hand(self, row) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = row.props
+        info = self.conn.client.publish(row.topic, row.payload, qos=1, properties=props)
+        if info.rc != 0 and info.mid == 0:
+            return  # not queued by paho; the row stays on disk for the next connection
+        self.published += 1
+        with self._ack_lock:
+            self._handed.add(row.id)
+            if self._early_acks.pop(info.mid, None) is None:
+                self._mid_rows[info.mid] = row.id
+                return
+        self._row_acked(row.id)
+
+    def _row_acked(self, row_id: int) -> None:
+        with self._ack_lock:
+            self._handed.discard(row_id)
+        if self.outbox.remove(row_id):
+            self.acked += 1
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        now = time.monotonic()
+        with self._ack_lock:
+            row_id = self._mid_rows.pop(mid, None)
+            if row_id is None:
+                self._early_acks[mid] = now
+                if len(self._early_acks) > 256:
+                    self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < 5.0}
+                return
+        if reason_code.is_failure:
+            self.log.warning("mqtt_publish_rejected", mid=mid, reason=str(reason_code))
+        self._row_acked(row_id)
+
+    def _on_connected(self, client) -> None:
+        # Rows paho already holds are re-sent by paho itself; the rest are handed from the start.
+        self._reset_cursor.set()
+        for sid in self.source_configs:
+            state = "ended" if sid in self.sources and self.sources[sid].finished else "running"
+            client.publish(f"{self.prefix}/{self.node}/{sid}/state", state, qos=1, retain=True)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _publish_state(self, sid: str, state: str) -> None:
+        self.conn.client.publish(f"{self.prefix}/{self.node}/{sid}/state", state, qos=1,
+                                 retain=True)
