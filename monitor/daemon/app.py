@@ -234,10 +234,16 @@ class Daemon:
                           port=self.config.metrics.port)
         self.event_worker.start()
         self.worker.start()
-        if self.web_sink is not None:
-            self.start_web()
-        if self.config.mqtt is not None and self.config.mqtt.verdicts:
-            self.start_mqtt_verdicts()
+        mqtt_verdicts = self.config.mqtt is not None and self.config.mqtt.verdicts
+        if self.web_sink is not None or mqtt_verdicts:
+            from monitor.daemon.verdict_service import verdict_handler
+
+            # one handler for the page and MQTT (the reference store locks its own files)
+            on_verdict = verdict_handler(self.config, self.state_dir, self.worker, self.detectors)
+            if self.web_sink is not None:
+                self.start_web(on_verdict)
+            if mqtt_verdicts:
+                self.start_mqtt_verdicts(on_verdict)
         started: list[Source] = []
         try:
             for sid, source in self.sources.items():
@@ -257,20 +263,16 @@ class Daemon:
         self.log.info("daemon_ready", node=self.node, sources=list(self.sources),
                       models=list(self.detectors))
 
-    def start_web(self) -> None:
-        from monitor.daemon.verdict_service import verdict_handler
+    def start_web(self, on_verdict) -> None:
         from monitor.daemon.web import WebServer, read_token
 
         web = self.config.web
         self.web = WebServer(self.web_sink, host=web.host, port=web.port,
-                             token=read_token(web.token_file),
-                             on_verdict=verdict_handler(self.config, self.state_dir, self.worker,
-                                                        self.detectors))
+                             token=read_token(web.token_file), on_verdict=on_verdict)
         self.web.start()
 
-    def start_mqtt_verdicts(self) -> None:
+    def start_mqtt_verdicts(self, on_verdict) -> None:
         from monitor.daemon.mqtt_verdicts import MqttVerdictListener
-        from monitor.daemon.verdict_service import verdict_handler
 
         def latest_event(source: str) -> str | None:
             starts = [e.id for e in list(self.events) if e.source == source and e.type == "start"]
@@ -280,7 +282,7 @@ class Daemon:
         self.mqtt_verdicts = MqttVerdictListener(
             self.config.mqtt, node=self.node, source_ids=[s.id for s in self.config.sources],
             password=resolve_mqtt_password(self.config.mqtt), latest_event=latest_event,
-            handle=verdict_handler(self.config, self.state_dir, self.worker, self.detectors))
+            handle=on_verdict)
         self.mqtt_verdicts.start()
 
     def run(self) -> int:

@@ -16,7 +16,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from monitor.daemon.config import MqttConfig
-from monitor.daemon.outbox import Outbox
+from monitor.daemon.outbox import Outbox, PubackTracker
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.types import AlarmEvent, Score
 from monitor.errors import UsageError
@@ -120,12 +120,7 @@ class MqttPublisher:
         self._connected = threading.Event()
         self._ever_connected = False
         self._stopping = False
-        # Acks: mid -> outbox row. An ack can arrive before publish() returns its mid to us, so
-        # unknown acks wait briefly in _early_acks (QoS 0 mids land there too and expire).
-        self._ack_lock = threading.Lock()
-        self._mid_rows: dict[int, int] = {}
-        self._early_acks: dict[int, float] = {}
-        self._handed: set[int] = set()  # outbox rows paho holds in this process (it retries them)
+        self._acks = PubackTracker()
         # Retained state is re-published on every connect; this lock orders it against updates.
         self._state_lock = threading.Lock()
         self._alarm_on: dict[str, bool] = {}
@@ -231,9 +226,7 @@ class MqttPublisher:
                        failed=self._counters["outbox_write_failed"])
             self._client.publish(topic, payload, qos=1, retain=retain)
             return
-        if removed:
-            with self._ack_lock:
-                self._handed.difference_update(removed)
+        self._acks.release(removed)
         self._hand_to_client(row_id, topic, payload, retain)
 
     def _hand_to_client(self, row_id: int, topic: str, payload: bytes, retain: bool) -> None:
@@ -242,26 +235,19 @@ class MqttPublisher:
             # paho's queue is full: the row stays on disk and is handed over on the next connect.
             self._log.warning("mqtt_publish_queue_full", topic=topic, rc=int(info.rc))
             return
-        with self._ack_lock:
-            self._handed.add(row_id)
-            early = self._early_acks.pop(info.mid, None)
-            if early is None:
-                self._mid_rows[info.mid] = row_id
-        if early is not None:
+        if self._acks.handed(info.mid, row_id):
             self._row_acked(row_id)
 
     def _flush_outbox(self) -> None:
         """Hand paho every pending row it does not hold yet (rows of a previous run, rows
         refused while its queue was full). paho itself re-sends the ones it holds."""
         for row in self._outbox.pending():
-            with self._ack_lock:
-                if row.id in self._handed:
-                    continue
+            if self._acks.holds(row.id):
+                continue
             self._hand_to_client(row.id, row.topic, row.payload, row.retain)
 
     def _row_acked(self, row_id: int) -> None:
-        with self._ack_lock:
-            self._handed.discard(row_id)
+        self._acks.release((row_id,))
         try:
             removed = self._outbox.remove(row_id)
         except sqlite3.Error as exc:  # on paho's thread: an exception would end its loop
@@ -312,14 +298,9 @@ class MqttPublisher:
                               outbox_pending=len(self._outbox))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        now = time.monotonic()
-        with self._ack_lock:
-            row_id = self._mid_rows.pop(mid, None)
-            if row_id is None:
-                self._early_acks[mid] = now
-                if len(self._early_acks) > 256:
-                    self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < 5.0}
-                return
+        row_id = self._acks.acked(mid)
+        if row_id is None:
+            return
         if reason_code.is_failure:
             # The broker refused it (e.g. not authorised): re-sending would loop forever.
             self._counters["outbox_rejected"] += 1

@@ -51,16 +51,7 @@ class Outbox:
         self.max_rows = max_rows
         self.dropped = {"event": 0, "state": 0}  # rows evicted by the bound since start
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                       isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-            self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        except (sqlite3.Error, OSError) as exc:
-            raise UsageError(f"{self.path}: cannot open the MQTT outbox ({exc})") from None
+        self._db, self._count = open_durable_table(self.path, _SCHEMA, "outbox", "the MQTT outbox")
 
     def add(self, kind: str, topic: str, payload: bytes, *, retain: bool) -> tuple[int, list[int]]:
         """Store one message; returns (its row id, ids of rows it superseded or evicted).
@@ -120,3 +111,65 @@ class Outbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_durable_table(path: Path, schema: str, table: str, what: str
+                       ) -> tuple[sqlite3.Connection, int]:
+    """An SQLite database whose every commit is fsynced (WAL, synchronous=FULL), shared across
+    threads under the caller's lock; returns it and the number of rows already in `table`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                             timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(schema)
+        return db, db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    except (sqlite3.Error, OSError) as exc:
+        raise UsageError(f"{path}: cannot open {what} ({exc})") from None
+
+
+class PubackTracker:
+    """Which outbox rows paho holds in this process (it re-sends those itself), matched to their
+    PUBACKs by mid. An ack can arrive before publish() has returned its mid to us, so an unknown
+    ack waits briefly (QoS 0 mids land there too and expire)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mid_rows: dict[int, int] = {}
+        self._early_acks: dict[int, float] = {}
+        self._held: set[int] = set()
+
+    def handed(self, mid: int, row_id: int) -> bool:
+        """paho took `row_id` as `mid`; True when its ack has already come."""
+        with self._lock:
+            self._held.add(row_id)
+            if self._early_acks.pop(mid, None) is None:
+                self._mid_rows[mid] = row_id
+                return False
+            return True
+
+    def acked(self, mid: int) -> int | None:
+        """The row a PUBACK is for, or None when publish() has not returned its mid yet."""
+        now = time.monotonic()
+        with self._lock:
+            row_id = self._mid_rows.pop(mid, None)
+            if row_id is None:
+                self._early_acks[mid] = now
+                if len(self._early_acks) > 256:
+                    self._early_acks = {m: t for m, t in self._early_acks.items()
+                                        if now - t < 5.0}
+        return row_id
+
+    def release(self, row_ids) -> None:
+        """Rows acked, evicted or superseded: paho's copy no longer counts as held."""
+        with self._lock:
+            self._held.difference_update(row_ids)
+
+    def holds(self, row_id: int) -> bool:
+        with self._lock:
+            return row_id in self._held
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)

@@ -16,7 +16,6 @@ import hmac
 import json
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import AlarmConfig, DaemonConfig, resolve_mqtt_password, resolve_state_dir
 from monitor.daemon.mqtt_publisher import MqttPublisher
 from monitor.daemon.notify import SystemdNotifier
+from monitor.daemon.outbox import open_durable_table
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.roles.session import RoleConnection
 from monitor.daemon.types import AlarmEvent, Score
@@ -203,16 +203,10 @@ class Checkpoint:
     """Per-source state of the alarm stage in SQLite (WAL, synchronous=FULL: one fsync a round)."""
 
     def __init__(self, path: Path):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS tracks (node TEXT NOT NULL, source TEXT "
-                             "NOT NULL, state TEXT NOT NULL, PRIMARY KEY (node, source))")
-        except (sqlite3.Error, OSError) as exc:
-            raise UsageError(f"{path}: cannot open the alarm stage's state ({exc})") from None
+        self._db, _ = open_durable_table(
+            path, "CREATE TABLE IF NOT EXISTS tracks (node TEXT NOT NULL, source TEXT NOT NULL, "
+            "state TEXT NOT NULL, PRIMARY KEY (node, source))", "tracks",
+            "the alarm stage's state")
 
     def load(self) -> list[tuple[str, str, dict]]:
         return [(n, s, json.loads(st)) for n, s, st in

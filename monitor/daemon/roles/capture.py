@@ -19,6 +19,7 @@ from pathlib import Path
 from monitor.daemon import windowwire
 from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
 from monitor.daemon.notify import SystemdNotifier
+from monitor.daemon.outbox import PubackTracker
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.ringbuffer import RingBuffer
 from monitor.daemon.roles.session import RoleConnection
@@ -101,11 +102,7 @@ class CaptureRole:
         self._queue: deque[Window] = deque()
         self._cond = threading.Condition()
         self.queue_dropped = 0
-        # acks: mid -> row; an ack can come before publish() returns (see MqttPublisher)
-        self._ack_lock = threading.Lock()
-        self._mid_rows: dict[int, int] = {}
-        self._early_acks: dict[int, float] = {}
-        self._handed: set[int] = set()
+        self._acks = PubackTracker()
         self._cursor = 0  # highest row id handed to paho on this connection
         self._reset_cursor = threading.Event()
         self.published = 0
@@ -209,31 +206,27 @@ class CaptureRole:
             if batch:
                 evicted = self.outbox.add_many([self._to_message(w) for w in batch])
                 if evicted:
-                    with self._ack_lock:
-                        self._handed.difference_update(evicted)
+                    self._acks.release(evicted)
                     self._warn("window_outbox_full", "full", dropped_total=self.outbox.dropped,
                                outbox_max=self.outbox.max_rows)
             self._hand_rows()
 
     def _can_hand(self) -> bool:
-        with self._ack_lock:
-            return self.conn.connected.is_set() and len(self._handed) < IN_CLIENT_MAX
+        return self.conn.connected.is_set() and len(self._acks) < IN_CLIENT_MAX
 
     def _hand_rows(self) -> None:
         if self._reset_cursor.is_set():
             self._reset_cursor.clear()
             self._cursor = 0
         while self._can_hand():
-            with self._ack_lock:
-                room = IN_CLIENT_MAX - len(self._handed)
+            room = IN_CLIENT_MAX - len(self._acks)
             rows = self.outbox.pending_after(self._cursor, room)
             if not rows:
                 return
             for row in rows:
                 self._cursor = row.id
-                with self._ack_lock:
-                    if row.id in self._handed:
-                        continue
+                if self._acks.holds(row.id):
+                    continue
                 self._hand(row)
 
     def _hand(self, row) -> None:
@@ -246,30 +239,20 @@ class CaptureRole:
         if info.rc != 0 and info.mid == 0:
             return  # not queued by paho; the row stays on disk for the next connection
         self.published += 1
-        with self._ack_lock:
-            self._handed.add(row.id)
-            if self._early_acks.pop(info.mid, None) is None:
-                self._mid_rows[info.mid] = row.id
-                return
-        self._row_acked(row.id)
+        if self._acks.handed(info.mid, row.id):
+            self._row_acked(row.id)
 
     def _row_acked(self, row_id: int) -> None:
-        with self._ack_lock:
-            self._handed.discard(row_id)
+        self._acks.release((row_id,))
         if self.outbox.remove(row_id):
             self.acked += 1
         with self._cond:
             self._cond.notify_all()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        now = time.monotonic()
-        with self._ack_lock:
-            row_id = self._mid_rows.pop(mid, None)
-            if row_id is None:
-                self._early_acks[mid] = now
-                if len(self._early_acks) > 256:
-                    self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < 5.0}
-                return
+        row_id = self._acks.acked(mid)
+        if row_id is None:
+            return
         if reason_code.is_failure:
             self.log.warning("mqtt_publish_rejected", mid=mid, reason=str(reason_code))
         self._row_acked(row_id)

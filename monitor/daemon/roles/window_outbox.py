@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.errors import UsageError
+from monitor.daemon.outbox import open_durable_table
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -45,16 +45,8 @@ class WindowOutbox:
         self.max_rows = max_rows
         self.dropped = 0
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                       isolation_level=None, timeout=10.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-            self._count = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
-        except (sqlite3.Error, OSError) as exc:
-            raise UsageError(f"{self.path}: cannot open the window outbox ({exc})") from None
+        self._db, self._count = open_durable_table(self.path, _SCHEMA, "windows",
+                                                   "the window outbox")
 
     def add_many(self, rows: list[tuple[str, bytes, list[tuple[str, str]]]]) -> list[int]:
         """Store windows in one transaction (one fsync); returns the ids of rows evicted to

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import paho.mqtt.publish as publish
 import soundfile as sf
@@ -17,8 +13,6 @@ from tests.helpers import RATE
 from tests.monitor.daemon.conftest import Collector
 from tests.monitor.daemon.test_web import ref_model  # noqa: F401 - the module's fixture
 from tests.monitor.test_verdicts import _config, _lines, _wait, fault_clip, start_daemon
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def test_mqtt_verdicts_and_buttons(tmp_path, broker, ref_model):  # noqa: F811
