@@ -1,14 +1,20 @@
-"""Out-of-fold normal scores for the calibrated tail (monitor/calibration.py).
+"""Out-of-fold normal scores for the calibrated tail (monitor/calibration.py), and the fusion
+statistics of the final model.
 
 The threshold used to rest on the held-out 10 % of the training clips: a handful of windows per
 machine ID. Here every training window is scored by a model that never saw its clip: the clips
-of each machine ID are dealt into K folds; for fold j the fusion statistics come from the next
-folds (j+1.., a share like the final model's held-out clips, so that an ID gets its own
-statistics as it does there), the standardiser and scorers are fitted on the rest, and fold j
-is scored, with and without its machine ID. K = 2 / val_fraction (20 by default) makes each
-fold's model see about as many clips as the final one (85 % against 90 %): distance and
-Gaussian scorers fitted on fewer clips score new normal clips higher, which would push the
-thresholds up for nothing. Models with a trained decoder use 5 folds (training time).
+of each machine ID are dealt into K folds; for fold j the standardiser and scorers are fitted on
+the other folds and fold j is scored, with and without its machine ID. K = 2 / val_fraction (20
+by default) makes each fold's model see about as many clips as the final one (95 % against
+90 %): distance and Gaussian scorers fitted on fewer clips score new normal clips higher, which
+would push the thresholds up for nothing. Models with a trained decoder use 5 folds (training
+time).
+
+Fusion (z-scoring each scorer per machine ID, monitor/scorers.py `Fusion`) is fitted once, on
+the out-of-fold scores of every training window: an ID's statistics rest on all its clips
+instead of the ~6 held-out ones, whose mean and spread were noisy enough to shift one machine's
+fused scores by a whole unit against another's. The final model uses that same fusion, so the
+tail below is the tail of the scores the daemon computes, from scorers that did not see the clip.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from train.fit_scorers import fit_scorers
 
 MAX_FOLDS = 20
 DECODER_FOLDS = 5  # each fold trains a decoder: time
-MIN_FOLDS = 3  # one to fit on, one for the fusion statistics, one to score
+MIN_FOLDS = 3  # a fold to score and at least two to fit on
 CALIBRATION_HOP_S = 2.5  # clips longer than a window give overlapping windows at this hop
 
 
@@ -67,73 +73,77 @@ def n_folds(clips, cfg) -> int:
     return min(wanted, min(counts.values()))
 
 
-def n_fusion_folds(folds: int, val_fraction: float) -> int:
-    return max(1, min(folds - 2, int(round(folds * val_fraction))))
-
-
-def out_of_fold_scores(cfg, embedded, dev: torch.device, *, views=None, progress: bool = True
-                       ) -> tuple[np.ndarray, np.ndarray, list, int]:
-    """(scores with the machine ID, scores without it, machine IDs, folds) for every window."""
+def out_of_fold_parts(cfg, embedded, dev: torch.device, *, views=None, progress: bool = True
+                      ) -> tuple[dict, dict, list, int]:
+    """Each scorer's scores of every window by the fold model that did not see its clip: (with
+    the machine ID, without it, machine IDs, folds)."""
 
     clips = embedded.clips
     folds = n_folds(clips, cfg)
-    n_fuse = n_fusion_folds(folds, cfg.val_fraction)
     fold = assign_folds(clips, folds, cfg.seed)
     ids = embedded.machine_ids
-    with_id = np.full(len(clips), np.nan)
-    without_id = np.full(len(clips), np.nan)
+    recon = "recon" in cfg.scorer_names
+    with_id: dict[str, torch.Tensor] = {}
+    blind: dict[str, torch.Tensor] = {}
     for j in tqdm(range(folds), unit="fold", desc="calibrating", disable=not progress,
                   leave=False):
         score_idx = np.flatnonzero(fold == j)
-        fuse_folds = [(j + 1 + i) % folds for i in range(n_fuse)]
-        fuse_idx = np.flatnonzero(np.isin(fold, fuse_folds))
-        fit_idx = np.flatnonzero((fold != j) & ~np.isin(fold, fuse_folds))
+        # a trained decoder stops early on the next fold, which it then does not fit on
+        val_idx = np.flatnonzero(fold == (j + 1) % folds) if recon else np.zeros(0, dtype=int)
+        fit_idx = np.flatnonzero((fold != j) & ~np.isin(np.arange(len(fold)), val_idx))
         std = Standardizer.fit(embedded.embeddings[fit_idx])
 
         def feats(idx):
             f = embedded.features(idx)
             return Features(std(f.vector), f.map, f.image)
 
-        f_fit, f_fuse, f_score = feats(fit_idx), feats(fuse_idx), feats(score_idx)
-        scorers, _ = fit_scorers(cfg, f_fit, [ids[i] for i in fit_idx], f_fuse, dev,
-                                 progress=False, views=views)
-        fuse_ids = [ids[i] for i in fuse_idx]
+        f_fit, f_score = feats(fit_idx), feats(score_idx)
+        scorers, _ = fit_scorers(cfg, f_fit, [ids[i] for i in fit_idx],
+                                 feats(val_idx) if recon else None, dev, progress=False,
+                                 views=views)
         score_ids = [ids[i] for i in score_idx]
+        at = torch.from_numpy(score_idx)
         with torch.inference_mode():
-            parts = {n: s.score(f_fuse.to(dev), fuse_ids).double().cpu() for n, s in scorers.items()}
-            fusion = Fusion.fit(cfg.fusion, parts, cfg.fusion_transform, fuse_ids)
-            parts = {n: s.score(f_score.to(dev), score_ids).double().cpu() for n, s in scorers.items()}
-            with_id[score_idx] = fusion.combine(parts, score_ids).numpy()
-            blind = [None] * len(score_idx)
-            parts = {n: s.score(f_score.to(dev), blind).double().cpu() for n, s in scorers.items()}
-            without_id[score_idx] = fusion.combine(parts).numpy()
-    return with_id, without_id, ids, folds
+            for n, s in scorers.items():
+                for out, these in ((with_id, score_ids), (blind, [None] * len(score_idx))):
+                    v = s.score(f_score.to(dev), these).double().cpu()
+                    out.setdefault(n, torch.full((len(clips),), float("nan"), dtype=torch.float64))
+                    out[n][at] = v
+    return with_id, blind, ids, folds
 
 
 def fit_calibration(cfg, embedded, dev: torch.device, *, hop_s: float, views=None,
-                    progress: bool = True) -> Calibration | None:
-    """The calibrated tails of a training set, or None (logged) when it is too small."""
+                    progress: bool = True) -> tuple[Calibration | None, Fusion | None]:
+    """The calibrated tails of a training set and the fusion fitted on its out-of-fold scores;
+    (None, None), logged, when the set is too small."""
     log = get_logger(stage="train")
     folds = n_folds(embedded.clips, cfg)
     if folds < MIN_FOLDS:
         log.warning("calibration_skipped", reason=f"a machine ID has fewer than {MIN_FOLDS} "
                     "clips; the stored threshold will be used")
-        return None
-    with_id, without_id, ids, folds = out_of_fold_scores(cfg, embedded, dev, views=views,
-                                                         progress=progress)
-    ok = np.isfinite(with_id) & np.isfinite(without_id)
+        return None, None
+    parts, blind_parts, ids, folds = out_of_fold_parts(cfg, embedded, dev, views=views,
+                                                       progress=progress)
+    finite = torch.stack([torch.isfinite(v) for v in [*parts.values(), *blind_parts.values()]])
+    ok_t = finite.all(dim=0)
+    ok = ok_t.numpy()
     if ok.sum() < MIN_SCORES:
         log.warning("calibration_skipped", reason=f"only {int(ok.sum())} finite out-of-fold scores")
-        return None
-    id_arr = np.array([-1 if m is None else m for m in ids])
+        return None, None
+    ok_ids = [m for m, good in zip(ids, ok) if good]
+    fusion = Fusion.fit(cfg.fusion, {n: v[ok_t] for n, v in parts.items()}, cfg.fusion_transform,
+                        ok_ids)
+    with_id = fusion.combine({n: v[ok_t] for n, v in parts.items()}, ok_ids).numpy()
+    without_id = fusion.combine({n: v[ok_t] for n, v in blind_parts.items()}).numpy()
+    id_arr = np.array([-1 if m is None else m for m in ok_ids])
     per_id = {}
     for mid in sorted(set(id_arr.tolist()) - {-1}):
-        sel = ok & (id_arr == mid)
+        sel = id_arr == mid
         if sel.sum() >= MIN_PER_ID_TAIL:
             per_id[int(mid)] = ScoreTail.fit(with_id[sel])
-    known = ok & (id_arr != -1)
+    known = id_arr != -1
     known_tail = ScoreTail.fit(with_id[known]) if known.sum() >= MIN_SCORES else None
-    cal = Calibration(ScoreTail.fit(without_id[ok]), per_id, folds, float(hop_s), known_tail)
+    cal = Calibration(ScoreTail.fit(without_id), per_id, folds, float(hop_s), known_tail)
     log.info("calibrated", scores=int(ok.sum()), folds=folds, method=cal.pooled.method,
              per_id=len(per_id))
-    return cal
+    return cal, fusion

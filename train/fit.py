@@ -140,9 +140,23 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
         f_ho = Features(std(vectors[ho]), maps[ho], f_ho.image)
     fit_s = time.monotonic() - t1
 
+    calibration, oof_fusion = None, None
+    # a fine-tuned encoder would need a fine-tuning per fold: not calibrated
+    if tuned is None and cfg.calibrate:
+        cal_hop = calibration_hop_s(embedded.clips, WINDOW_S, cfg.hop_s)
+        cal_set = embedded if cal_hop is None else embed_clips(
+            list(dict.fromkeys(embedded.clips)), encoder, dev, window_s=WINDOW_S, hop_s=cal_hop,
+            batch_size=cfg.embed_batch_size, progress=progress, cache=None, with_map=with_map,
+            desc="embedding (calibration)")
+        calibration, oof_fusion = fit_calibration(
+            cfg, cal_set, dev, hop_s=cal_hop or cfg.hop_s or WINDOW_S,
+            views=getattr(encoder, "views", None), progress=progress)
+
     with torch.inference_mode():
         parts = {n: s.score(f_ho.to(dev), ids_ho).double().cpu() for n, s in scorers.items()}
-    fusion = Fusion.fit(cfg.fusion, parts, cfg.fusion_transform, ids_ho)
+    # the fusion fitted on every training window's out-of-fold scores (train/calibrate.py) when
+    # there is one; else the held-out clips' (a handful per machine ID)
+    fusion = oof_fusion or Fusion.fit(cfg.fusion, parts, cfg.fusion_transform, ids_ho)
     held_scores = fusion.combine(parts, ids_ho).numpy()
     # The pooled threshold serves windows whose machine ID is unknown (a mic, an MQTT feed
     # without machine_id): those are scored against the pooled banks, so calibrate it that way.
@@ -156,18 +170,6 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
         pooled_scores = held_scores
     threshold = calibrate_threshold(pooled_scores, cfg.threshold_method, cfg.threshold_quantile)
     threshold["per_id"] = per_id_thresholds(held_scores, ids_ho, cfg)
-
-    calibration = None
-    # a fine-tuned encoder would need a fine-tuning per fold: not calibrated
-    if tuned is None and cfg.calibrate:
-        cal_hop = calibration_hop_s(embedded.clips, WINDOW_S, cfg.hop_s)
-        cal_set = embedded if cal_hop is None else embed_clips(
-            list(dict.fromkeys(embedded.clips)), encoder, dev, window_s=WINDOW_S, hop_s=cal_hop,
-            batch_size=cfg.embed_batch_size, progress=progress, cache=None, with_map=with_map,
-            desc="embedding (calibration)")
-        calibration = fit_calibration(cfg, cal_set, dev,
-                                      hop_s=cal_hop or cfg.hop_s or WINDOW_S,
-                                      views=getattr(encoder, "views", None), progress=progress)
 
     tensors = {"standardizer.mean": std.mean, "standardizer.std": std.std}
     spec = encoder.spec()
