@@ -117,7 +117,8 @@ class Daemon:
         if cfg.web.enabled:  # issue 16: the operator's page is one more sink
             from monitor.daemon.web import WebSink
 
-            self.web_sink = WebSink([s.id for s in cfg.sources])
+            self.web_sink = WebSink([s.id for s in cfg.sources],
+                                    events_path=self.state_dir / "web_events.jsonl")
             sinks.append(self.web_sink)
         self.publisher = sinks[0] if len(sinks) == 1 else FanoutPublisher(sinks)
 
@@ -264,11 +265,13 @@ class Daemon:
                       models=list(self.detectors))
 
     def start_web(self, on_verdict) -> None:
+        from monitor.daemon.verdict_service import undo_handler
         from monitor.daemon.web import WebServer, read_token
 
         web = self.config.web
         self.web = WebServer(self.web_sink, host=web.host, port=web.port,
-                             token=read_token(web.token_file), on_verdict=on_verdict)
+                             token=read_token(web.token_file), on_verdict=on_verdict,
+                             on_undo=undo_handler(self.config, self.state_dir))
         self.web.start()
 
     def start_mqtt_verdicts(self, on_verdict) -> None:

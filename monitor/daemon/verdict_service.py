@@ -9,7 +9,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from monitor.errors import UsageError
-from monitor.verdicts import Verdict, event_source, record_verdict
+from monitor.reference import ReferenceStore
+from monitor.verdicts import Verdict, event_source, record_verdict, undo_verdict
+from monitor.yamlsafe import short_repr
 
 EMBED_TIMEOUT_S = 120.0
 
@@ -43,4 +45,24 @@ def verdict_handler(cfg, state_dir: Path, worker, detectors: Mapping[str, object
                               window_s_of=lambda s: by_id[s].window_s,
                               machine_id_of=lambda s: by_id[s].machine_id, embed=embed,
                               max_windows=cfg.reference_max_windows).to_json()
+    return handle
+
+
+def undo_handler(cfg, state_dir: Path) -> Callable[[object], dict]:
+    """Undo from the page: `{"event_id": ...}` takes that alarm's normal verdict out of its
+    source's reference, exactly as `harken verdict undo --verdict-id` does."""
+    source_ids = [s.id for s in cfg.sources]
+
+    def handle(data: object) -> dict:
+        if not isinstance(data, dict) or set(data) != {"event_id"} or \
+                not isinstance(data["event_id"], str):
+            raise UsageError(f'an undo must be {{"event_id": "<alarm id>"}}, got {short_repr(data)}')
+        event_id = data["event_id"]
+        source = event_source(event_id, cfg.node, source_ids)
+        entry = next((e for e in ReferenceStore(state_dir, source).load().entries
+                      if e.event_id == event_id), None)
+        if entry is None:
+            raise UsageError(f"event {event_id[:100]} has no normal verdict in the reference "
+                             f"of {source}: nothing to undo")
+        return undo_verdict(state_dir, source, entry.verdict_id)
     return handle

@@ -36,7 +36,8 @@ MAX_BODY_BYTES = 4096
 class WebSink:
     """Publisher protocol; every call only copies under a lock and notifies the pages."""
 
-    def __init__(self, source_ids: list[str]):
+    def __init__(self, source_ids: list[str], events_path: str | Path | None = None):
+        """events_path: where the event list is kept across restarts (web_events.py)."""
         self._lock = threading.Lock()
         self.sources = {sid: {"id": sid, "state": None, "score": None, "threshold": None,
                               "model": None, "alarm": False} for sid in source_ids}
@@ -46,6 +47,12 @@ class WebSink:
         self.stats: dict = {}
         self._clients: list[queue.Queue] = []
         self.clients_dropped = 0
+        self._event_log = None
+        if events_path is not None:
+            from monitor.daemon.web_events import WebEventLog
+
+            self._event_log = WebEventLog(events_path)
+            self.events, self.verdicts = self._event_log.load(EVENTS_KEPT)
 
     # -- Publisher
     def start(self) -> None: ...
@@ -78,7 +85,9 @@ class WebSink:
             row["image"] = row.get("image") or old.get("image")
             self.events[event.id] = row
             while len(self.events) > EVENTS_KEPT:
-                self.events.pop(next(iter(self.events)))
+                self.verdicts.pop(self.events.pop(next(iter(self.events)))["id"], None)
+            if self._event_log is not None:
+                self._event_log.append_row(row, self.events, self.verdicts)
         self._push("event", self._public(row))
 
     def publish_source_state(self, source: str, state: str) -> None:
@@ -123,10 +132,16 @@ class WebSink:
             row = self.events.get(alarm_id)
             return None if row is None else row.get(kind)
 
-    def mark_verdict(self, alarm_id: str, verdict: str) -> None:
+    def mark_verdict(self, alarm_id: str, verdict: str | None) -> None:
+        """None: the verdict was undone."""
         with self._lock:
-            self.verdicts[alarm_id] = verdict
+            if verdict is None:
+                self.verdicts.pop(alarm_id, None)
+            else:
+                self.verdicts[alarm_id] = verdict
             row = self.events.get(alarm_id)
+            if row is not None and self._event_log is not None:
+                self._event_log.append_verdict(alarm_id, verdict, self.events, self.verdicts)
         if row is not None:
             self._push("event", self._public(row))
 
@@ -154,10 +169,11 @@ class WebSink:
 
 class WebServer:
     def __init__(self, sink: WebSink, *, host: str, port: int, token: str | None,
-                 on_verdict: Callable[[dict], dict]):
+                 on_verdict: Callable[[object], dict], on_undo: Callable[[object], dict]):
         self.sink = sink
         self.token = token
         self.on_verdict = on_verdict
+        self.on_undo = on_undo
         self.stopping = threading.Event()
         self._log = get_logger(stage="web")
         handler = _handler_for(self)
@@ -256,11 +272,13 @@ def _handler_for(server: WebServer):
                 self.close_connection = True
 
         def do_POST(self) -> None:
-            if urlparse(self.path).path != "/api/verdict":
+            path = urlparse(self.path).path
+            if path not in ("/api/verdict", "/api/undo"):
                 return self._json(404, {"error": "not found"})
+            what = "a verdict" if path == "/api/verdict" else "an undo"
             if not server.authorised(self.headers.get("Authorization")):
-                server._log.warning("verdict_rejected", reason="token")
-                return self._json(401, {"error": "a verdict needs the page's token "
+                server._log.warning("verdict_rejected", reason="token", path=path)
+                return self._json(401, {"error": f"{what} needs the page's token "
                                                  "(Authorization: Bearer ...)"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -273,11 +291,14 @@ def _handler_for(server: WebServer):
             except ValueError:
                 return self._json(400, {"error": "the body must be JSON"})
             try:
-                result = server.on_verdict(data)
+                if path == "/api/verdict":
+                    result = server.on_verdict(data)
+                    sink.mark_verdict(result["event_id"], result.get("verdict", "?"))
+                else:
+                    result = server.on_undo(data)
+                    sink.mark_verdict(result["event_id"], None)
             except UsageError as exc:
                 return self._json(400, {"error": str(exc)})
-            if isinstance(data, dict) and "event_id" in data:
-                sink.mark_verdict(data["event_id"], result.get("verdict", "?"))
             self._json(200, result)
 
     return Handler

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -149,15 +147,50 @@ def test_page_stream_verdict_and_browser(tmp_path, ref_model):
         shutil.copy(clip, watch / "b.wav")
         again = _wait(lambda: score_of("b.wav"), "the replayed clip's score", proc)
         assert not again["anomaly"], again
-        undo = subprocess.run([sys.executable, "-m", "train.cli", "verdict", "undo", "--config",
-                               str(cfg), "--source", "fan"], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert undo.returncode == 0, undo.stderr
+        # undo from the page: refused without the token or for an event without a normal
+        # verdict, then the judged windows leave the reference and the clip alarms again
+        assert _post(base + "/api/undo", {"event_id": event["id"]}, None)[0] == 401
+        code, err = _post(base + "/api/undo", {"event_id": "n1-fan-1"}, TOKEN)
+        assert code == 400 and "nothing to undo" in err["error"]
+        code, err = _post(base + "/api/undo", {"id": event["id"]}, TOKEN)
+        assert code == 400 and "event_id" in err["error"]
+        assert ReferenceStore(tmp_path / "state", "fan").version() == 1
+        if browser is not None:
+            _wait(lambda: browser.run(
+                "return !!document.querySelector(`tr[data-event='${arguments[0]}'] button.v-undo`)",
+                event["id"]), "the undo button", proc)
+            if os.environ.get("HARKEN_SCREENSHOT"):
+                browser.screenshot(Path(os.environ["HARKEN_SCREENSHOT"]))
+            browser.click(f"tr[data-event='{event['id']}'] button.v-undo")
+            _wait(lambda: "undone" in browser.run(
+                "return document.getElementById('verdict-msg').textContent"),
+                "the page to confirm the undo", proc)
+            _wait(lambda: not browser.run(
+                "return !!document.querySelector(`tr[data-event='${arguments[0]}'] button.v-undo`)",
+                event["id"]), "the undo button to go", proc)
+        else:
+            code, result = _post(base + "/api/undo", {"event_id": event["id"]}, TOKEN)
+            assert code == 200, result
+        assert ReferenceStore(tmp_path / "state", "fan").load().windows == 0
         _wait(lambda: logged("reference_loaded", version=2), "the reference after undo", proc)
         shutil.copy(clip, watch / "c.wav")
         assert _wait(lambda: score_of("c.wav"), "the score after undo", proc)["anomaly"]
-        if browser is not None and os.environ.get("HARKEN_SCREENSHOT"):
-            browser.screenshot(Path(os.environ["HARKEN_SCREENSHOT"]))
+
+        # the event list survives a restart (<state_dir>/web_events.jsonl)
+        seen = _wait(lambda: {e["id"] for e in json.loads(_get(base + "/api/events?limit=100"))[
+            "events"]} if json.loads(_get(base + "/api/events"))["total"] == 2 else None,
+            "the alarms of a.wav and c.wav on the page", proc)
+        if browser is not None:
+            browser.close()
+            browser = None
+        proc.terminate()
+        proc.wait(timeout=60)
+        log = tmp_path / "daemon2.log"
+        proc = start_daemon(cfg, log)
+        port = _wait(lambda: logged("web_serving"), "the page after a restart", proc)["port"]
+        after = json.loads(_get(f"http://127.0.0.1:{port}/api/events?limit=100"))["events"]
+        assert seen and {e["id"] for e in after} == seen
+        assert next(e for e in after if e["id"] == event["id"])["verdict"] is None, "undone"
     finally:
         if browser is not None:
             browser.close()
@@ -178,3 +211,33 @@ def test_the_sink_stays_bounded_and_pages():
     assert page["total"] == EVENTS_KEPT
     assert page["events"][0]["id"] == f"n1-fan-{EVENTS_KEPT + 49}", "newest first"
     assert sink.event_page(EVENTS_KEPT - 1, PAGE_MAX)["events"][0]["id"] == "n1-fan-50"
+
+
+def test_the_event_list_survives_a_restart_and_stays_compact(tmp_path, monkeypatch):
+    from monitor.daemon import web_events
+    from monitor.daemon.types import AlarmEvent
+    from monitor.daemon.web import WebSink
+
+    monkeypatch.setattr(web_events, "COMPACT_AFTER_LINES", 50)
+    path = tmp_path / "web_events.jsonl"
+    sink = WebSink(["fan"], events_path=path)
+    for i in range(40):
+        sink.publish_event(AlarmEvent("start", f"n1-fan-{i}", "fan", float(i), 2.0, 1.0,
+                                      clip=f"/e/{i}.wav"))
+        sink.publish_event(AlarmEvent("end", f"n1-fan-{i}", "fan", i + 0.5, 3.0, 1.0))
+    sink.mark_verdict("n1-fan-3", "normal")
+    sink.mark_verdict("n1-fan-4", "fault")
+    sink.mark_verdict("n1-fan-4", None)  # undone
+    assert len(path.read_text().splitlines()) <= 50 + 1, "compacted past the bound"
+    with open(path, "a") as f:
+        f.write('{"row": {"id": "n1-fan-cut"')  # a crash mid-line loses that line only
+
+    again = WebSink(["fan"], events_path=path)
+    page = again.event_page(0, 100)
+    assert page["total"] == 40
+    assert [e["id"] for e in page["events"][:2]] == ["n1-fan-39", "n1-fan-38"]
+    byid = {e["id"]: e for e in page["events"]}
+    assert byid["n1-fan-3"]["verdict"] == "normal" and byid["n1-fan-4"]["verdict"] is None
+    assert byid["n1-fan-5"]["has_clip"] and not byid["n1-fan-5"]["open"]
+    assert byid["n1-fan-5"]["peak_score"] == 3.0
+    assert again.event_file("n1-fan-5", "clip") == "/e/5.wav"
