@@ -91,6 +91,7 @@ class Daemon:
         # normal reference overlay gets its own, monitor/daemon/reference_watch.py)
         self.model_keys: dict[str, str] = {s.id: s.model for s in config.sources}
         self.references = None
+        self.learning = None  # enrolment from the live stream (monitor/daemon/learning.py)
         self.web_sink = None
         self.web = None
         self.mqtt_verdicts = None
@@ -140,9 +141,7 @@ class Daemon:
         for s in self.config.sources:
             alarm = s.alarm or self.config.alarm
             resolved = self._resolve_alarm(s, alarm, s.machine_id)
-            self.alarms[s.id] = AlarmStateMachine(
-                self.node, s.id, k=alarm.k, n=alarm.n, hold_s=alarm.hold_s,
-                rule=resolved.build_rule() if resolved is not None else None)
+            self.alarms[s.id] = self._alarm_machine(s, resolved)
             if self.config.sensor_faults:
                 self.sensor_faults[s.id] = SensorFaultMonitor(self.node, s.id)
             if resolved is not None:
@@ -153,22 +152,45 @@ class Daemon:
         self.worker = InferenceWorker(self.queue, self.detectors, on_scored=self._on_scored,
                                       batch_max=self.config.batch_max,
                                       threshold_overrides=overrides)
+        from monitor.daemon.learning import LearningSources
         from monitor.daemon.reference_watch import ReferenceWatcher
 
         self.references = ReferenceWatcher(self.state_dir, {s.id: s.model for s in self.config.sources},
                                            self.worker, self.model_keys)
+        self.learning = LearningSources(self.state_dir, list(self.config.sources), self.worker,
+                                        self.model_keys, on_armed=self._source_armed)
+        self.references.held |= set(self.learning.configs)
+        self.learning.start()
         self.references.poll()
         if self.config.evidence.enabled:
             ev = self.config.evidence
             self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
                                           max_bytes=ev.max_bytes)
 
-    def _resolve_alarm(self, s: SourceConfig, alarm, machine_id: int | None):
+    def _alarm_machine(self, s: SourceConfig, resolved) -> AlarmStateMachine:
+        alarm = s.alarm or self.config.alarm
+        return AlarmStateMachine(self.node, s.id, k=alarm.k, n=alarm.n, hold_s=alarm.hold_s,
+                                 rule=resolved.build_rule() if resolved is not None else None)
+
+    def _source_armed(self, sid: str, det, key: str) -> None:
+        """An enrolled source (monitor/daemon/learning.py): its threshold and rule from the
+        enrolled detector's tail, then its overlay on top of it. On the inference thread, or
+        before it starts."""
+        s = self.source_configs[sid]
+        resolved = self._resolve_alarm(s, s.alarm or self.config.alarm, s.machine_id, det)
+        overrides = self.worker.threshold_overrides
+        for k in [k for k in overrides if isinstance(k, tuple) and k[0] == sid]:
+            del overrides[k]  # per-ID tails of the artifact: not the enrolled model's
+        overrides[sid] = resolved.window_threshold
+        self.alarms[sid] = self._alarm_machine(s, resolved)
+        self.references.rebase(sid, key)
+
+    def _resolve_alarm(self, s: SourceConfig, alarm, machine_id: int | None, det=None):
         """The source's rule and threshold (monitor/daemon/thresholds.py), logged; None for a
         stand-in detector without a manifest (tests)."""
         from monitor.daemon.thresholds import resolve_for_detector
 
-        det = self.detectors.get(s.model)
+        det = det if det is not None else self.detectors.get(s.model)
         if det is None or not hasattr(det, "manifest"):
             return None
         resolved = resolve_for_detector(det, alarm, hop_s=s.hop_s, machine_id=machine_id)
@@ -250,7 +272,8 @@ class Daemon:
             for sid, source in self.sources.items():
                 source.start(self._block_sink(sid), self._window_sink(sid))
                 started.append(source)
-                self._set_source_state(sid, "running")
+                self._set_source_state(sid, "learning" if self.learning.is_learning(sid)
+                                       else "running")
         except BaseException:
             for source in reversed(started):
                 source.stop()
@@ -383,6 +406,8 @@ class Daemon:
                 state = "stalled"
             else:
                 state = "running" if own in ("running", "starting") else own
+            if state == "running" and self.learning is not None and self.learning.is_learning(sid):
+                state = "learning"  # turns "running" when the source arms (source_armed)
             self._set_source_state(sid, state)
             if self.metrics is not None:
                 self.metrics.source_stalled.labels(sid).set(1 if state == "stalled" else 0)
@@ -486,6 +511,10 @@ class Daemon:
     def _on_scored(self, sw: ScoredWindow) -> None:
         """On the inference thread, in capture order per source."""
         assert self.publisher is not None and self.metrics is not None
+        learning = False
+        if self.learning is not None and self.learning.owns(sw):
+            armed = self.learning.collect(sw)  # None: still learning, or not a usable window
+            learning, sw = armed is None, armed or sw
         w = sw.window
         faults = self.sensor_faults.get(w.source)
         if faults is not None:
@@ -507,6 +536,8 @@ class Daemon:
         m.score.labels(w.source).set(sw.score)
         m.threshold.labels(w.source).set(sw.threshold)
         m.latency.observe(max(0.0, sw.scored_mono_s - w.ready_mono_s))
+        if learning:
+            return  # a learning source does not alarm
         for event in self.alarms[w.source].update(score):
             # Published in order on the event worker; a start gets its evidence there first,
             # so the slow part never holds up scoring.

@@ -103,6 +103,9 @@ class SourceConfig:
     max_payload_bytes: int = 4_000_000
     # folder, benchmarks: realtime pacing sped up by this factor (1.0: real time)
     time_scale: float = 1.0
+    # enrolment (monitor/enrolment.py): learn the model's scorers from this much audio
+    # ("2h", "30m", "90s" or seconds), then arm; None: armed from the start
+    learn_for: float | str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,18 @@ SOURCE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 SPEEDS = ("max", "realtime")
 AUDIO_FORMATS = ("s16le", "f32le")
 MQTT_MODES = ("stream", "window")
+DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\s*$")
+DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_s(value: float | str) -> float:
+    """`2h`, `30m`, `90s`, `1.5d` or a number of seconds -> seconds; ValueError otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = DURATION.match(str(value))
+    if m is None:
+        raise ValueError(value)
+    return float(m.group(1)) * DURATION_UNITS_S[m.group(2) or "s"]
 
 
 MAX_PROBLEMS_SHOWN = 20
@@ -387,6 +402,8 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
                   f"must be one of {', '.join(AUDIO_FORMATS)}, got {short_repr(s.format)}")
             check(s.mode in MQTT_MODES, f"{p}.mode", f"must be one of {', '.join(MQTT_MODES)}, got {short_repr(s.mode)}")
             check(s.max_payload_bytes >= 1, f"{p}.max_payload_bytes", f"must be >= 1, got {s.max_payload_bytes}")
+        if s.learn_for is not None:
+            problems += _learn_for_problems(s, f"{p}.learn_for")
         if s.kind != "folder":
             for key, default in (("path", None), ("speed", "max"), ("watch", False)):
                 check(getattr(s, key) == default, f"{p}.{key}", "only a folder source takes this key")
@@ -396,6 +413,34 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
             check(s.topic is None, f"{p}.topic", "only an mqtt source takes this key")
     problems += _output_path_problems(cfg)
     return problems
+
+
+LEARN_MAX_WINDOWS = 50_000  # about 150 MB of 768-dim embeddings; beyond, learn_for is a mistake
+
+
+def windows_needed(learn_for_s: float, hop_s: float) -> int:
+    """Windows a learning source collects (monitor/daemon/learning.py): one per hop of audio."""
+    return int(math.ceil(learn_for_s / hop_s - 1e-9))
+
+
+def _learn_for_problems(s: SourceConfig, path: str) -> list[str]:
+    from monitor.calibration import MIN_SCORES as MIN_WINDOWS  # the tail needs that many
+
+    try:
+        secs = duration_s(s.learn_for)
+    except ValueError:
+        return [f"{path}: must be a duration like 2h, 30m, 90s or a number of seconds, "
+                f"got {short_repr(s.learn_for)}"]
+    if s.hop_s <= 0:
+        return []  # reported at hop_s
+    n = windows_needed(secs, s.hop_s) if secs > 0 else 0
+    if n < MIN_WINDOWS:
+        return [f"{path}: must cover at least {MIN_WINDOWS} hops ({MIN_WINDOWS * s.hop_s:g} s at "
+                f"hop_s {s.hop_s:g}) for a calibrated threshold, got {secs:g} s"]
+    if n > LEARN_MAX_WINDOWS:
+        return [f"{path}: at most {LEARN_MAX_WINDOWS} hops ({LEARN_MAX_WINDOWS * s.hop_s:g} s at hop_s "
+                f"{s.hop_s:g}), got {secs:g} s"]
+    return []
 
 
 MQTT_MAX_STRING_BYTES = 65535
@@ -501,6 +546,12 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
         elif float(got["window_s"]) != s.window_s:
             problems.append(f"sources[{i}].window_s: the model was trained on {got['window_s']} s "
                             f"windows (got {s.window_s})")
+        elif s.learn_for is not None:
+            from monitor.enrolment import enrolment_problem
+
+            why = enrolment_problem(got)
+            if why is not None:
+                problems.append(f"sources[{i}].learn_for: {s.model}: {why}")
     return problems
 
 

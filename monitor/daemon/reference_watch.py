@@ -28,6 +28,8 @@ class ReferenceWatcher:
         self.worker = worker
         self.model_keys = model_keys
         self.versions: dict[str, int] = {sid: 0 for sid in models}
+        # sources still learning (monitor/daemon/learning.py): their overlay waits for arming
+        self.held: set[str] = set()
         self._log = get_logger(stage="reference")
         self._next_poll_mono_s = 0.0
 
@@ -52,9 +54,19 @@ class ReferenceWatcher:
                 continue
             self.worker.call_soon(lambda sid=sid, overlay=overlay: self._apply(sid, overlay))
 
+    def rebase(self, sid: str, key: str) -> None:
+        """The source's detector is now `key` (an enrolled one): its overlay goes on top of it
+        from the next poll on."""
+        self.models[sid] = key
+        self.held.discard(sid)
+        self.versions[sid] = -1
+
     def _apply(self, sid: str, overlay) -> None:
         """On the inference worker."""
         from monitor.overlay import with_reference
+
+        if sid in self.held:
+            return
 
         base_key = self.models[sid]
         own_key = f"{base_key}#ref:{sid}"
