@@ -92,6 +92,7 @@ class Daemon:
         self.model_keys: dict[str, str] = {s.id: s.model for s in config.sources}
         self.references = None
         self.learning = None  # enrolment from the live stream (monitor/daemon/learning.py)
+        self.no_verdict_alarms: dict = {}  # source -> its ResolvedAlarm without any verdict
         self.web_sink = None
         self.web = None
         self.mqtt_verdicts = None
@@ -142,6 +143,8 @@ class Daemon:
             alarm = s.alarm or self.config.alarm
             resolved = self._resolve_alarm(s, alarm, s.machine_id)
             self.alarms[s.id] = self._alarm_machine(s, resolved)
+            if resolved is not None:
+                self.no_verdict_alarms[s.id] = resolved
             if self.config.sensor_faults:
                 self.sensor_faults[s.id] = SensorFaultMonitor(self.node, s.id)
             if resolved is not None:
@@ -156,7 +159,8 @@ class Daemon:
         from monitor.daemon.reference_watch import ReferenceWatcher
 
         self.references = ReferenceWatcher(self.state_dir, {s.id: s.model for s in self.config.sources},
-                                           self.worker, self.model_keys)
+                                           self.worker, self.model_keys,
+                                           on_changed=self._reference_changed)
         self.learning = LearningSources(self.state_dir, list(self.config.sources), self.worker,
                                         self.model_keys, on_armed=self._source_armed)
         self.references.held |= set(self.learning.configs)
@@ -183,7 +187,29 @@ class Daemon:
             del overrides[k]  # per-ID tails of the artifact: not the enrolled model's
         overrides[sid] = resolved.window_threshold
         self.alarms[sid] = self._alarm_machine(s, resolved)
+        self.no_verdict_alarms[sid] = resolved
         self.references.rebase(sid, key)
+
+    def _reference_changed(self, sid: str, overlay) -> None:
+        """On the inference worker: the threshold follows the judged windows
+        (monitor/daemon/recalibration.py), logged as `threshold_updated`."""
+        from monitor.daemon.recalibration import recalibrate
+
+        no_verdict = self.no_verdict_alarms.get(sid)
+        assert self.worker is not None and self.references is not None
+        if no_verdict is None:
+            return
+        s = self.source_configs[sid]
+        new = recalibrate(self.worker.detectors[self.references.models[sid]], overlay,
+                          s.alarm or self.config.alarm, hop_s=s.hop_s, machine_id=s.machine_id,
+                          no_verdict=no_verdict)
+        old = self.worker.threshold_overrides.get(sid)
+        if old is None or new.window_threshold == old:
+            return
+        self.worker.threshold_overrides[sid] = new.window_threshold
+        self.log.info("threshold_updated", source=sid, old=old, new=new.window_threshold,
+                      expected_false_alarms_per_day=new.expected_per_day,
+                      judged_windows=overlay.windows, reference_version=overlay.version)
 
     def _resolve_alarm(self, s: SourceConfig, alarm, machine_id: int | None, det=None):
         """The source's rule and threshold (monitor/daemon/thresholds.py), logged; None for a

@@ -10,7 +10,7 @@ entry and its batches with the other sources again.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from monitor.errors import UsageError
 from monitor.logs import get_logger
@@ -20,9 +20,12 @@ POLL_EVERY_S = 1.0
 
 
 class ReferenceWatcher:
-    def __init__(self, state_dir, models: Mapping[str, str], worker, model_keys: dict[str, str]):
+    def __init__(self, state_dir, models: Mapping[str, str], worker, model_keys: dict[str, str],
+                 on_changed: Callable[[str, object], None] | None = None):
         """models: source id -> model key; model_keys: the dict the daemon's sinks read the
-        key to queue a source's windows under (updated here, after the detector is in place)."""
+        key to queue a source's windows under (updated here, after the detector is in place);
+        on_changed(source, overlay): after a swap, on the worker (the threshold follows)."""
+        self.on_changed = on_changed
         self.stores = {sid: ReferenceStore(state_dir, sid) for sid in models}
         self.models = dict(models)
         self.worker = worker
@@ -80,3 +83,5 @@ class ReferenceWatcher:
             self.model_keys[sid] = own_key
         self._log.info("reference_loaded", source=sid, version=overlay.version,
                        windows=overlay.windows, verdicts=len(overlay.entries))
+        if self.on_changed is not None:
+            self.on_changed(sid, overlay)

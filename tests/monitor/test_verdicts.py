@@ -194,6 +194,12 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
         shutil.copy(clip, watch / "b.wav")
         again = _wait(lambda: score_of("b.wav"), "the replayed clip's score", proc)
         assert not again["anomaly"], f"still alarms after a normal verdict: {again}"
+        # the threshold follows the judged windows (monitor/daemon/recalibration.py)
+        updated = [json.loads(ln[ln.index("{"):]) for ln in log.read_text().splitlines()
+                   if '"threshold_updated"' in ln]
+        assert len(updated) == 1 and updated[0]["old"] == pytest.approx(first["threshold"])
+        assert first["threshold"] < updated[0]["new"] <= first["score"] + 1e-6
+        assert again["threshold"] == pytest.approx(updated[0]["new"])
 
         exported = harken("model", "export", "--config", str(cfg), "--source", "fan",
                           "--out", str(tmp_path / "exported"))
@@ -211,6 +217,7 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
         restored = _wait(lambda: score_of("c.wav"), "the score after undo", proc)
         assert restored["anomaly"]
         assert restored["score"] == pytest.approx(first["score"], rel=1e-5)
+        assert restored["threshold"] == pytest.approx(first["threshold"]), "undo restores it"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
