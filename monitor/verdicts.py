@@ -1,6 +1,7 @@
 """A person's verdict on an alarm event: `normal` (false alarm) or `fault` (confirmed).
 
-- `normal`: the event's evidence windows join the source's normal reference overlay
+- `normal`: the alarm's windows (its episode clip `<alarm>.event.wav`, up to 12 windows; the
+  evidence clip where there is none yet) join the source's normal reference overlay
   (monitor/reference.py), so the same sound no longer alarms (monitor/overlay.py).
 - `fault`: the evidence clip is kept with its label in `<state_dir>/labelled/<source>/` under
   a DCASE name (`anomaly_id_00_<event>.wav`), a growing labelled test set that
@@ -86,7 +87,8 @@ def evidence_clip(state_dir: Path, event_id: str) -> Path:
 
 
 def read_windows(clip: Path, window_s: float) -> np.ndarray:
-    """(windows, samples) of the clip, cut at window_s (the evidence clip is one window)."""
+    """(windows, samples) of the clip, cut at window_s (the evidence clip is one window, the
+    episode clip the alarm's windows back to back)."""
     audio, rate = sf.read(str(clip), dtype="float32", always_2d=True)
     if rate != SAMPLE_RATE_HZ:
         raise UsageError(f"{clip}: {rate} Hz, evidence is written at {SAMPLE_RATE_HZ} Hz")
@@ -130,7 +132,10 @@ def record_verdict(state_dir: str | Path, *, node: str, source_ids: Sequence[str
     mid = machine_id_of(source)
     version = None
     if verdict.verdict == "normal":
-        windows = read_windows(clip, window_s_of(source))
+        from monitor.daemon.evidence import EPISODE_SUFFIX
+
+        episode = clip.with_name(clip.stem + EPISODE_SUFFIX)  # all of the alarm's windows
+        windows = read_windows(episode if episode.is_file() else clip, window_s_of(source))
         import torch
 
         emb = torch.as_tensor(embed(source, windows)).float()

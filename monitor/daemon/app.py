@@ -92,7 +92,8 @@ class Daemon:
         self.model_keys: dict[str, str] = {s.id: s.model for s in config.sources}
         self.references = None
         self.learning = None  # enrolment from the live stream (monitor/daemon/learning.py)
-        self.no_verdict_alarms: dict = {}  # source -> its ResolvedAlarm without any verdict
+        self.no_verdict_alarms: dict = {}
+        self.episodes = None  # each open alarm's windows, for its episode clip  # source -> its ResolvedAlarm without any verdict
         self.web_sink = None
         self.web = None
         self.mqtt_verdicts = None
@@ -170,6 +171,9 @@ class Daemon:
             ev = self.config.evidence
             self.evidence = EvidenceStore(self.state_dir / "evidence", max_count=ev.max_count,
                                           max_bytes=ev.max_bytes)
+            from monitor.daemon.episode import EpisodeRecorder
+
+            self.episodes = EpisodeRecorder(self.evidence, self.event_worker, self.shutdown)
 
     def _alarm_machine(self, s: SourceConfig, resolved) -> AlarmStateMachine:
         alarm = s.alarm or self.config.alarm
@@ -377,6 +381,8 @@ class Daemon:
         if self.worker is not None and self.worker.ident is not None:
             self.worker.stop_when_drained()  # queued windows are still scored and published
             self.worker.join()
+        if self.episodes is not None:
+            self.episodes.flush_all()  # on this thread now: the worker has stopped
         self.event_worker.stop_when_drained()  # then their events (and evidence) go out
         if self.publisher is not None and self.metrics is not None and self.worker is not None:
             self._update_source_states(final=True)
@@ -564,11 +570,14 @@ class Daemon:
         m.latency.observe(max(0.0, sw.scored_mono_s - w.ready_mono_s))
         if learning:
             return  # a learning source does not alarm
-        for event in self.alarms[w.source].update(score):
+        events = self.alarms[w.source].update(score)
+        for event in events:
             # Published in order on the event worker; a start gets its evidence there first,
             # so the slow part never holds up scoring.
             evidence = self._evidence_for(sw) if event.type == "start" and self.evidence else None
             self.event_worker.submit(event, evidence, stop=self.shutdown)
+        if self.episodes is not None:
+            self.episodes.observe(w, events, self.alarms[w.source].on)
 
     def _emit_event(self, event: AlarmEvent) -> None:
         """On the event worker: publish one event and what follows from it (alarm state,

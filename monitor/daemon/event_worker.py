@@ -22,7 +22,7 @@ from monitor.logs import get_logger
 
 @dataclass(frozen=True)
 class EventJob:
-    event: AlarmEvent
+    event: AlarmEvent | None  # None: side work only (an alarm's episode clip), nothing emitted
     evidence: Callable[[AlarmEvent], AlarmEvent] | None = None  # returns the event with files
 
 
@@ -74,6 +74,27 @@ class EventWorker(threading.Thread):
                     self._run_job(job)  # the worker is gone: do it here rather than lose it
                     return
 
+    def submit_file(self, write: Callable[[], None], *, what: str, alarm_id: str,
+                    stop: threading.Event | None = None) -> None:
+        """Queue slow file work that publishes nothing (in order with the events)."""
+
+        def run(_event):
+            try:
+                write()
+            except Exception as exc:  # noqa: BLE001 - best effort, like the evidence
+                self.evidence_failed += 1
+                self._log.exception("evidence_failed", what=what, alarm_id=alarm_id,
+                                    error=str(exc)[:300])
+        job = EventJob(None, run)
+        while True:
+            try:
+                self._jobs.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                if stop is not None and stop.is_set() and not self.is_alive():
+                    run(None)
+                    return
+
     def stop_when_drained(self, timeout_s: float = 30.0) -> None:
         if not self.is_alive():
             return
@@ -91,6 +112,9 @@ class EventWorker(threading.Thread):
 
     def _run_job(self, job: EventJob) -> None:
         event = job.event
+        if event is None:
+            job.evidence(None)
+            return
         if job.evidence is not None:
             try:
                 event = job.evidence(event)

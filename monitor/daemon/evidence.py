@@ -19,6 +19,8 @@ from monitor.plots import save_evidence_png
 
 
 MAX_STEM_CHARS = 120  # file names stay far below NAME_MAX (255 bytes) whatever the alarm id
+EPISODE_SUFFIX = ".event.wav"  # the alarm's windows, next to its clip and picture
+EPISODE_MAX_WINDOWS = 12  # what a normal verdict adds at most: two minutes at a 10-s hop
 
 
 def evidence_stem(alarm_id: str) -> str:
@@ -70,12 +72,33 @@ class EvidenceStore:
         self.enforce_retention()
         return str(clip), str(image)
 
+    def save_episode(self, alarm_id: str, windows: list[np.ndarray]) -> str:
+        """Write `<alarm_id>.event.wav`: the alarm's windows back to back (each one window
+        long, so cutting the file at the window length gives them back), for a normal verdict
+        on the whole episode (monitor/verdicts.py)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        stem = evidence_stem(alarm_id)
+        out = self.root / f"{stem}{EPISODE_SUFFIX}"
+        tmp = self.root / f".{stem}.tmp.event.wav"
+        try:
+            buf = io.BytesIO()
+            sf.write(buf, np.clip(np.concatenate(windows), -1.0, 1.0), SAMPLE_RATE_HZ,
+                     format="WAV", subtype="PCM_16")
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, out)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        self.enforce_retention()
+        return str(out)
+
     def enforce_retention(self) -> None:
         """Remove the oldest evidence sets until both limits hold."""
         sets: dict[str, list[Path]] = {}
         for p in self.root.glob("*"):
             if p.suffix in (".wav", ".png") and not p.name.startswith(".") and p.is_file():
-                sets.setdefault(p.stem, []).append(p)
+                stem = p.name[:-len(EPISODE_SUFFIX)] if p.name.endswith(EPISODE_SUFFIX) else p.stem
+                sets.setdefault(stem, []).append(p)
         ordered = sorted(sets.items(), key=lambda kv: (min(p.stat().st_mtime_ns for p in kv[1]), kv[0]))
         total = sum(p.stat().st_size for files in sets.values() for p in files)
         while ordered and (len(ordered) > self.max_count or total > self.max_bytes):

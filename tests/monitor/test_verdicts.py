@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,3 +241,69 @@ def test_export_folds_the_reference_into_a_new_artifact(tmp_path, ref_model):
     assert exported.score_windows(judged[None])[0] < det.threshold
     assert exported.manifest["reference_overlay"]["windows"] == 1
     assert Detector.load(ref_model, device="cpu").score_windows(judged[None])[0] > det.threshold
+
+
+def test_a_normal_verdict_covers_every_window_of_the_alarm(tmp_path, ref_model):
+    """A 30-s fault whose sound changes after its first window: the verdict on the alarm
+    silences all three windows, not only the evidence clip's."""
+    watch = tmp_path / "in"
+    watch.mkdir()
+    cfg = _config(tmp_path, ref_model, watch)
+    out = tmp_path / "out.jsonl"
+    t = np.arange(10 * RATE) / RATE
+    whine = (0.05 * np.sin(2 * np.pi * 5000 * t)).astype(np.float32)
+    episode = np.concatenate([fault_clip(7), fault_clip(8) + whine, fault_clip(9) + whine])
+    sf.write(tmp_path / "fault.wav", episode, RATE, subtype="PCM_16")
+    normal = tone_clip(np.random.default_rng(3), 0, anomalous=False)
+    sf.write(tmp_path / "normal.wav", normal, RATE, subtype="PCM_16")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+
+    def scores(name: str):
+        return [ln for ln in _lines(out) if ln.get("file", "").endswith(name) and "score" in ln]
+
+    try:
+        shutil.copy(tmp_path / "fault.wav", watch / "a.wav")
+        _wait(lambda: len(scores("a.wav")) == 3, "the fault's three windows", proc)
+        assert all(s["anomaly"] for s in scores("a.wav"))
+        shutil.copy(tmp_path / "normal.wav", watch / "b.wav")  # the alarm ends: episode written
+        start = _wait(lambda: next((ln for ln in _lines(out) if ln.get("type") == "start"), None),
+                      "the alarm", proc)
+        _wait(lambda: any(ln.get("type") == "end" for ln in _lines(out)), "the alarm's end", proc)
+        ev = tmp_path / "state" / "evidence"
+        _wait(lambda: any(ev.glob("*.event.wav")), "the episode clip", proc)
+        assert sf.info(str(next(ev.glob("*.event.wav")))).duration == pytest.approx(30.0)
+
+        ok = harken("verdict", "set", "--config", str(cfg), start["id"], "normal")
+        assert ok.returncode == 0, ok.stderr
+        overlay = ReferenceStore(tmp_path / "state", "fan").load()
+        assert overlay.entries[0].windows == 3
+        _wait(lambda: '"reference_loaded"' in log.read_text(), "the new reference", proc)
+        shutil.copy(tmp_path / "fault.wav", watch / "c.wav")
+        _wait(lambda: len(scores("c.wav")) == 3, "the replayed fault", proc)
+        assert not any(s["anomaly"] for s in scores("c.wav")), scores("c.wav")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_the_episode_stays_bounded(tmp_path):
+    from monitor.daemon.episode import EpisodeRecorder
+    from monitor.daemon.event_worker import EventWorker
+    from monitor.daemon.evidence import EPISODE_MAX_WINDOWS, EvidenceStore
+    from monitor.daemon.types import AlarmEvent, Window
+
+    worker = EventWorker(lambda e: None)
+    worker.start()
+    store = EvidenceStore(tmp_path / "evidence")
+    rec = EpisodeRecorder(store, worker, threading.Event())
+    windows = [Window("fan", np.full(RATE, i / 100, dtype=np.float32), float(i), 1.0, 0.0)
+               for i in range(EPISODE_MAX_WINDOWS + 5)]
+    rec.observe(windows[0], [AlarmEvent("start", "n1-fan-1", "fan", 0.0, 2.0, 1.0)], True)
+    for w in windows[1:]:
+        rec.observe(w, [], True)  # the alarm stays on past the bound
+    rec.flush_all()
+    worker.stop_when_drained()
+    audio, _ = sf.read(str(tmp_path / "evidence" / "n1-fan-1.event.wav"), dtype="float32")
+    assert len(audio) == EPISODE_MAX_WINDOWS * RATE
+    assert audio[-1] == pytest.approx((EPISODE_MAX_WINDOWS - 1) / 100, abs=1e-4)
