@@ -22,7 +22,7 @@ from monitor.daemon.types import AlarmEvent, Score
 from monitor.errors import UsageError
 from monitor.logs import get_logger
 
-SOURCE_STATES = ("running", "stalled", "ended", "stopped")  # "stopped": the daemon's clean exit
+SOURCE_STATES = ("learning", "running", "stalled", "ended", "stopped")  # "stopped": clean exit
 _FORBIDDEN_TOPIC_CHARS = ("+", "#", "/", "\0")
 
 

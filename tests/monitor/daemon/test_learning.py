@@ -19,8 +19,9 @@ from tests.monitor.test_verdicts import _config, _lines, _wait, ref_model, start
 MACHINE = 3  # a hum the model never heard in training (ids 0 and 1): its own normal is learnt
 
 
-def _learning_config(tmp_path: Path, model: Path, watch: Path, learn_for: str = "80s") -> Path:
-    cfg = _config(tmp_path, model, watch)
+def _learning_config(tmp_path: Path, model: Path, watch: Path, learn_for: str = "80s",
+                     extra: str = "") -> Path:
+    cfg = _config(tmp_path, model, watch, extra)
     text = cfg.read_text().replace("    poll_s: 0.2\n", f"    poll_s: 0.2\n    hop_s: 2\n"
                                    f"    learn_for: {learn_for}\n")
     cfg.write_text(text)
@@ -31,10 +32,13 @@ def _clip(seed: int, anomalous: bool, seconds: float) -> np.ndarray:
     return tone_clip(np.random.default_rng(seed), MACHINE, anomalous, seconds=seconds)
 
 
-def test_a_source_learns_arms_survives_a_restart_and_alarms(tmp_path, ref_model):
+def test_a_source_learns_arms_survives_a_restart_and_alarms(tmp_path, ref_model, broker,
+                                                            collector):
     watch = tmp_path / "in"
     watch.mkdir()
-    cfg = _learning_config(tmp_path, ref_model, watch)
+    cfg = _learning_config(tmp_path, ref_model, watch, extra=(
+        f"mqtt: {{host: {broker.host}, port: {broker.port}, reconnect_min_s: 0.2, "
+        "reconnect_max_s: 0.5}\n"))
     out = tmp_path / "out.jsonl"
     for i in range(9):  # 18 s each: 5 windows at hop 2 s, the machine's hum varies a little
         sf.write(tmp_path / f"normal{i}.wav", _clip(i, False, 18.0), RATE, subtype="PCM_16")
@@ -69,6 +73,9 @@ def test_a_source_learns_arms_survives_a_restart_and_alarms(tmp_path, ref_model)
         assert not any(s["anomaly"] for s in judged), judged
         assert judged[0]["threshold"] != learnt[0]["threshold"], "the enrolled tail's threshold"
         _wait(lambda: states()[-1] == "running", "the armed state", proc)
+        assert states()[:2] == ["learning", "running"]
+        collector.wait_for("harken/n1/fan/state", b"running")
+        assert collector.payloads("harken/n1/fan/state")[:2] == [b"learning", b"running"]
         assert (tmp_path / "state" / "enrolment" / "fan" / "enrolment.json").is_file()
 
         shutil.copy(tmp_path / "later.wav", watch / "b.wav")  # learning never resumes
