@@ -159,5 +159,10 @@ def source_alarm_lines(cfg) -> tuple[list[str], list[str]]:
         except UsageError as exc:
             problems.append(f"sources[{i}].alarm: {exc}")
             continue
+        if getattr(s, "learn_for", None) is not None:  # the tail comes from the live stream
+            lines.append(f"  {s.id}: learns for {s.learn_for} (or reuses its enrolment in the "
+                         f"state directory), then alarms by rule {alarm.rule} at the threshold "
+                         "of its own enrolled tail")
+            continue
         lines.append(f"  {s.id}: {r.describe()}")
     return lines, problems

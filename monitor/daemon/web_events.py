@@ -50,6 +50,8 @@ class WebEventLog:
                 self._log.warning("web_events_line_skipped", file=str(self.path), line=n)
         while len(rows) > keep:
             verdicts.pop(rows.pop(next(iter(rows)))["id"], None)
+        for row in rows.values():  # a new run starts with every alarm off
+            row["open"] = False
         return rows, verdicts
 
     def append_row(self, row: dict, rows: dict[str, dict], verdicts: dict[str, str]) -> None:

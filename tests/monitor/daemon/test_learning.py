@@ -119,3 +119,11 @@ def test_learn_for_is_checked(tmp_path, ref_model, tiny_model):
     assert ran.returncode == 2 and "recon needs a trained decoder" in ran.stderr
     assert "Traceback" not in ran.stderr
     assert not (tmp_path / "state" / "enrolment").exists()
+
+
+def test_check_config_says_what_a_learning_source_will_do(tmp_path, ref_model):
+    watch = tmp_path / "in"
+    watch.mkdir()
+    ran = harken("check-config", str(_learning_config(tmp_path, ref_model, watch, "2h")))
+    assert ran.returncode == 0, ran.stderr
+    assert "fan: learns for 2h" in ran.stdout

@@ -225,6 +225,7 @@ def test_the_event_list_survives_a_restart_and_stays_compact(tmp_path, monkeypat
         sink.publish_event(AlarmEvent("start", f"n1-fan-{i}", "fan", float(i), 2.0, 1.0,
                                       clip=f"/e/{i}.wav"))
         sink.publish_event(AlarmEvent("end", f"n1-fan-{i}", "fan", i + 0.5, 3.0, 1.0))
+    sink.publish_event(AlarmEvent("start", "n1-fan-40", "fan", 40.0, 2.0, 1.0))  # still open
     sink.mark_verdict("n1-fan-3", "normal")
     sink.mark_verdict("n1-fan-4", "fault")
     sink.mark_verdict("n1-fan-4", None)  # undone
@@ -234,8 +235,9 @@ def test_the_event_list_survives_a_restart_and_stays_compact(tmp_path, monkeypat
 
     again = WebSink(["fan"], events_path=path)
     page = again.event_page(0, 100)
-    assert page["total"] == 40
-    assert [e["id"] for e in page["events"][:2]] == ["n1-fan-39", "n1-fan-38"]
+    assert page["total"] == 41
+    assert [e["id"] for e in page["events"][:2]] == ["n1-fan-40", "n1-fan-39"]
+    assert not page["events"][0]["open"], "a restarted daemon has no alarm on"
     byid = {e["id"]: e for e in page["events"]}
     assert byid["n1-fan-3"]["verdict"] == "normal" and byid["n1-fan-4"]["verdict"] is None
     assert byid["n1-fan-5"]["has_clip"] and not byid["n1-fan-5"]["open"]
