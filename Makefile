@@ -54,7 +54,7 @@ test: setup
 
 # Not part of `make test`: 10 minutes of 8 sources while the broker is killed every minute.
 soak: setup
-	$(PY) -m train.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
+	$(PY) -m bench.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
 
 # Inference speed next to the reference pipelines, then the daemon's sustained source count.
 bench: setup
