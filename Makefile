@@ -13,7 +13,7 @@ LOCK := requirements.lock
 PIPFILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # The lock is generated from pyproject.toml by uv (pinned here), never edited by hand.
 UV_VERSION := 0.13.9
-LOCK_ARGS := pyproject.toml --extra test --generate-hashes --universal --python-version 3.11
+LOCK_ARGS := pyproject.toml --extra train --extra test --generate-hashes --universal --python-version 3.11
 
 .PHONY: setup system-deps demo test soak clean lock
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r $(LOCK) 2>&1 | $(PIPFILTER)
 	@$(PY) -c "import torch, torchaudio" || { echo "torch/torchaudio failed to import after install"; exit 1; }
-	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | $(PIPFILTER)
+	$(PY) -m pip install --quiet --no-deps -e '.[train]' 2>&1 | $(PIPFILTER)
 	@touch $(STAMP)
 
 # Refresh the lock after editing pyproject.toml's dependencies: `make lock`, then commit both.
@@ -47,19 +47,19 @@ system-deps:
 	fi
 
 demo: setup
-	$(PY) -m train.cli demo --out demo-out
+	$(PY) -m monitor demo --out demo-out
 
 test: setup
 	$(PY) -m pytest -q
 
 # Not part of `make test`: 10 minutes of 8 sources while the broker is killed every minute.
 soak: setup
-	$(PY) -m train.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
+	$(PY) -m bench.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
 
 # Inference speed next to the reference pipelines, then the daemon's sustained source count.
 bench: setup
-	$(PY) -m train.cli bench --encoder mel --encoder efficientat --batch 1,8,32 --seconds 5
-	$(PY) -m train.cli bench --daemon --encoder efficientat --time-scale 10 --budget-s 300
+	$(PY) -m monitor bench --encoder mel --encoder efficientat --batch 1,8,32 --seconds 5
+	$(PY) -m monitor bench --daemon --encoder efficientat --time-scale 10 --budget-s 300
 
 clean:
 	rm -rf demo-out .pytest_cache

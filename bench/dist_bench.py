@@ -42,7 +42,7 @@ def role_config(tmp: Path, name: str, broker, role: str, models: Path, alarm: di
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config", str(cfg),
+        return subprocess.Popen([sys.executable, "-m", "monitor", "monitor", "--config", str(cfg),
                                  "--log-level", "warning"], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, env=os.environ | {"PYTHONPATH": str(REPO)})
 

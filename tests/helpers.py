@@ -53,7 +53,7 @@ train:
 
 def harken(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI as users do, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "train.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "monitor", *args], capture_output=True,
                           text=True, cwd=cwd or REPO, timeout=timeout)
 
 

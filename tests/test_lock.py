@@ -1,4 +1,4 @@
-"""The committed lock and pyproject.toml agree: every dependency of harken (and its test extra)
+"""The committed lock and pyproject.toml agree: every dependency of harken (and its train and test extras)
 is locked at a version its specifier allows, with hashes, and torch/torchaudio are one exact
 pair in both files. Refresh with `make lock` after editing pyproject.toml."""
 
@@ -26,7 +26,8 @@ def _locked() -> dict[str, tuple[str, bool]]:
 
 def _requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + extras["train"] + extras["test"]]
 
 
 def test_every_dependency_is_locked_within_its_specifier_with_hashes():

@@ -54,7 +54,7 @@ class Result:
 
 def cli(capsys, *args: str) -> Result:
     """The CLI in this process (same code as `harken ...`; subprocesses cost seconds each)."""
-    from train.cli import main
+    from monitor.cli import main
 
     capsys.readouterr()
     rc = main(list(args))

@@ -280,7 +280,7 @@ def daemon_bench(encoder: str, *, candidates: tuple[int, ...] | None, seconds: f
     import tempfile
     from pathlib import Path
 
-    from train.daemon_bench import build_bench_model, search_sources
+    from bench.daemon_bench import build_bench_model, search_sources
 
     if encoder not in ("mel", "efficientat"):
         raise UsageError(f"--daemon benchmarks mel or efficientat, got {encoder!r}")

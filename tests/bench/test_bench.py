@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train.daemon_bench import sustained
+from bench.daemon_bench import sustained
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_FIELDS = {"encoder", "path", "device", "precision", "batch", "windows_per_s", "batch_p50_ms",
@@ -18,7 +18,7 @@ ROW_FIELDS = {"encoder", "path", "device", "precision", "batch", "windows_per_s"
 
 
 def harken(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, text=True,
+    return subprocess.run([sys.executable, "-m", "monitor", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -96,7 +96,7 @@ def test_sustained_needs_no_drops_and_latency_under_the_scaled_hop():
      "efficientat weights not found at /nonexistent/mn04.pt"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
-    from train.cli import main  # in-process: a subprocess per case would cost seconds each
+    from monitor.cli import main  # in-process: a subprocess per case would cost seconds each
 
     argv = ["bench", *args] if "--seconds" in args else ["bench", "--seconds", "0.1", *args]
     assert main(argv) == 2

@@ -1,6 +1,6 @@
 """Soak test of `harken monitor`: many sources for many minutes while the broker keeps dying.
 
-    python -m train.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
+    python -m bench.soak --sources 8 --minutes 10 --broker-restart-s 60 --kill-source-s 45
 
 Builds (or reuses, under --workdir) a small synthetic slide-rail data set and a small mel+MLP
 model, starts its own Mosquitto on a free port, and runs the daemon as a subprocess with N
@@ -12,7 +12,7 @@ and comes back. A durable subscriber counts what arrives. At the end it prints e
 (the daemon's JSONL sink) / delivered / duplicated / missing, windows scored / dropped, and the
 daemon's RSS at start and end.
 
-The broker harness is a copy of the few lines of `tests/mosquitto.py` this needs: `train`
+The broker harness is a copy of the few lines of `tests/mosquitto.py` this needs: `bench`
 never imports `tests` (the tests are not installed with harken and their helpers change freely).
 """
 
@@ -315,7 +315,7 @@ class Soak:
               f"feeds) for {args.minutes} min at {args.time_scale}x; broker restart every "
               f"{args.broker_restart_s} s; source kill every {args.kill_source_s} s; in "
               f"{self.run_dir}", flush=True)
-        daemon = subprocess.Popen([sys.executable, "-m", "train.cli", "monitor", "--config",
+        daemon = subprocess.Popen([sys.executable, "-m", "monitor", "monitor", "--config",
                                    str(cfg), "--log-level", "warning"],
                                   stdout=subprocess.DEVNULL,
                                   stderr=open(self.run_dir / "daemon.log", "w"))
@@ -425,7 +425,7 @@ def vm_rss_kb(pid: int) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--sources", type=int, default=8, help="number of sources (half folders, half MQTT)")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--broker-restart-s", type=float, default=60.0,
