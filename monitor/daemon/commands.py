@@ -60,10 +60,25 @@ def cmd_check_config(args) -> int:
             for p in problems:
                 print(f"{args.file}: {p}", file=sys.stderr)
             return 2
-    print(f"{args.file}: OK, node {cfg.node}, {len(cfg.sources)} source(s): {kinds}")
+    print(f"{args.file}: OK, node {cfg.node}, {_role_summary(cfg, kinds)}")
     if not args.no_models:
         print("\n".join(lines))
     return 0
+
+
+def _role_summary(cfg, kinds: str) -> str:
+    """What check-config says a config runs: its sources, or for a role without any, what it does."""
+    d = cfg.distributed
+    if cfg.role == "worker":
+        return (f"role worker (no sources of its own): scores windows of pool {d.group!r} "
+                f"with models from {d.models_dir}, instance {d.instance}")
+    if cfg.role == "alarms":
+        return (f"role alarms (no sources of its own): alarms from the workers' scores "
+                f"with models from {d.models_dir}")
+    sources = f"{len(cfg.sources)} source(s): {kinds}"
+    if cfg.role == "capture":
+        return f"role capture, {sources}; windows to worker pool {d.group!r}"
+    return sources
 
 
 def cmd_monitor(args) -> int:

@@ -411,6 +411,13 @@ def test_role_config_mistakes_are_one_line_each(tmp_path):
                                              "distributed": {"models_dir": str(tmp_path)}})
     proc = harken("check-config", str(ok))
     assert proc.returncode == 0, proc.stderr
+    assert "role worker (no sources of its own)" in proc.stdout
+    assert str(tmp_path) in proc.stdout and "0 source(s)" not in proc.stdout
+    alarms = write_config(tmp_path / "a.yaml", {"role": "alarms", "mqtt": {},
+                                                "distributed": {"models_dir": str(tmp_path)}})
+    proc = harken("check-config", str(alarms))
+    assert proc.returncode == 0, proc.stderr
+    assert "role alarms (no sources of its own)" in proc.stdout
 
 
 def test_window_message_carries_hop_and_file():
