@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train.cli import build_parser
+from monitor.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
