@@ -21,6 +21,7 @@ from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
 from monitor.daemon.event_worker import EventWorker
 from monitor.daemon.evidence import EvidenceStore
+from monitor.daemon.exposure import Exposure
 from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue, percentile
 from monitor.daemon.metrics import DaemonMetrics
 from monitor.daemon.notify import SystemdNotifier
@@ -84,6 +85,7 @@ class Daemon:
         self.evidence: EvidenceStore | None = None
         self.events: deque[AlarmEvent] = deque(maxlen=1000)  # recent ones, for tests; bounded
         self.scored_by_source: dict[str, int] = {}
+        self.exposure = Exposure(self.state_dir)  # audio seconds scored, kept across restarts
         self._source_states: dict[str, str] = {}
         self._started_mono = time.monotonic()
         self._stopped = False
@@ -206,14 +208,15 @@ class Daemon:
         s = self.source_configs[sid]
         new = recalibrate(self.worker.detectors[self.references.models[sid]], overlay,
                           s.alarm or self.config.alarm, hop_s=s.hop_s, machine_id=s.machine_id,
-                          no_verdict=no_verdict)
+                          no_verdict=no_verdict, exposure_days=self.exposure.days(sid))
         old = self.worker.threshold_overrides.get(sid)
         if old is None or new.window_threshold == old:
             return
         self.worker.threshold_overrides[sid] = new.window_threshold
         self.log.info("threshold_updated", source=sid, old=old, new=new.window_threshold,
                       expected_false_alarms_per_day=new.expected_per_day,
-                      judged_windows=overlay.windows, reference_version=overlay.version)
+                      judged_windows=overlay.windows, reference_version=overlay.version,
+                      exposure_days=round(self.exposure.days(sid), 4), why=new.tail)
 
     def _resolve_alarm(self, s: SourceConfig, alarm, machine_id: int | None, det=None):
         """The source's rule and threshold (monitor/daemon/thresholds.py), logged; None for a
@@ -516,6 +519,10 @@ class Daemon:
             m.overruns.labels(sid).set(s["overruns"])
             m.skipped.labels(sid).set(s["skipped"])
         self.publisher.publish_stats(stats)
+        try:
+            self.exposure.save()
+        except OSError as exc:  # the count is a caution, not a reason to stop scoring
+            self._warn("exposure_not_saved", "exposure", error=str(exc))
 
     # ------------------------------------------------------------------ data path
 
@@ -562,6 +569,8 @@ class Daemon:
                       window_start_s=w.start_time_s, window_end_s=w.end_time_s,
                       ready_mono_s=w.ready_mono_s, scored_time_s=sw.scored_time_s, label=w.label)
         self.scored_by_source[w.source] = self.scored_by_source.get(w.source, 0) + 1
+        if not learning:
+            self.exposure.add(w.source, self.source_configs[w.source].hop_s)
         self.publisher.publish_score(score)
         m = self.metrics
         m.windows_scored.labels(w.source).inc()

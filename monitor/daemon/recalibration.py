@@ -1,78 +1,95 @@
-"""A source's threshold follows its normal reference overlay (monitor/reference.py).
+"""A source's threshold follows the false alarms a person confirmed (its `normal` verdicts).
 
-The judged windows are normal sounds the calibration never saw. Each verdict's windows are
-scored leave-one-verdict-out (by the model plus the overlay without that verdict: how the
-sound scores before a person said it was normal), those scores join the stored out-of-fold
-normal scores of the calibrated tail (`ScoreTail.scores`), the tail is fitted again
-(`ScoreTail.fit`, as in training), and the threshold for the source's false-alarm budget comes
-from it through `resolve_for_detector`, as at start. Bounds: never below the no-verdict
-threshold, and never above the largest judged score (beyond it even the judged sounds would not
-alarm without the overlay). An explicit `alarm.threshold`, a model without a calibrated tail
-and the ewma / cusum rules (their threshold is a level of a statistic, not of a score) keep
-the no-verdict threshold.
+The calibrated tail (`monitor/calibration.py`) predicts how often normal audio crosses a
+threshold; each `normal` verdict is a counted case of it doing so. The overlay
+(`monitor/reference.py`) makes the judged sound itself score low from then on; what the verdicts
+also say is that the calibration may be underestimating how often *unseen* normal sounds alarm.
+That is a rate, so it is corrected as one (a Poisson rate with a gamma prior):
+
+    factor = (1 + N) / (1 + E)
+
+N: verdicts whose windows reached the no-verdict threshold when scored by the model and the
+verdicts recorded before them (how the sound scored when it alarmed); a verdict on a sound that
+did not alarm is no false alarm. E: the false alarms the
+calibration expected in the audio this source has been scored on (`monitor/daemon/exposure.py`)
+at the no-verdict threshold. The prior is one expected false alarm, so the first verdict on a
+fresh source doubles the predicted rate, and one in months of audio at a budget of one a week
+changes nothing. The threshold is then the one at which factor x the calibrated rate meets the
+source's `false_alarms_per_day` (the same simulation of the alarm rule as at start, at
+budget / factor), never below the no-verdict threshold and never above the largest judged score.
+
+How loud a judged sound was does not matter: a threshold raised to the loudest false alarm would
+make the source deaf to every quieter fault. An explicit `alarm.threshold`, a model without a
+calibrated tail and the ewma / cusum rules (their threshold is a level of a statistic, not of a
+score) keep the no-verdict threshold.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
-import torch
-
-from monitor.calibration import Calibration, ScoreTail
 from monitor.daemon.thresholds import ResolvedAlarm, resolve_for_detector
 from monitor.overlay import with_reference
 from monitor.scorers import Features
 
+PRIOR_EPISODES = 1.0  # gamma prior on (true rate / calibrated rate): mean 1, one episode's weight
 
-def judged_scores(detector, overlay) -> np.ndarray:
-    """(overlay windows,) each verdict's windows scored without that verdict in the overlay."""
+
+def judged_by_verdict(detector, overlay) -> list[np.ndarray]:
+    """Per verdict, in the order recorded: its windows scored by the model and the verdicts
+    before it."""
     out = []
     start = 0
     emb, ids = overlay.embeddings, overlay.machine_ids
     for entry in overlay.entries:
         stop = start + entry.windows
-        rest = with_reference(detector, torch.cat([emb[:start], emb[stop:]]),
-                              ids[:start] + ids[stop:])
-        scored = rest.score_features(Features(emb[start:stop].to(detector.device)),
-                                     list(ids[start:stop]))["score"]
+        before = with_reference(detector, emb[:start], ids[:start])
+        scored = before.score_features(Features(emb[start:stop].to(detector.device)),
+                                       list(ids[start:stop]))["score"]
         out.append(scored.double().cpu().numpy())
         start = stop
-    return np.concatenate(out) if out else np.zeros(0)
+    return out
 
 
-def _with_tail(cal: Calibration, machine_id: int | None, tail: ScoreTail) -> Calibration:
-    """`cal` with the tail that `machine_id` is judged by replaced."""
-    if machine_id is not None and int(machine_id) in cal.per_id:
-        return dataclasses.replace(cal, per_id={**cal.per_id, int(machine_id): tail})
-    if machine_id is not None and cal.known_id is not None:
-        return dataclasses.replace(cal, known_id=tail)
-    return dataclasses.replace(cal, pooled=tail)
+def judged_scores(detector, overlay) -> np.ndarray:
+    """(overlay windows,) every verdict's windows, each scored by the verdicts before it."""
+    parts = judged_by_verdict(detector, overlay)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def rate_factor(false_alarms: int, expected: float) -> float:
+    """Posterior mean of true / calibrated false-alarm rate after `false_alarms` confirmed
+    where the calibration expected `expected`."""
+    return (PRIOR_EPISODES + false_alarms) / (PRIOR_EPISODES + max(0.0, expected))
 
 
 def recalibrate(detector, overlay, alarm, *, hop_s: float, machine_id: int | None,
-                no_verdict: ResolvedAlarm) -> ResolvedAlarm:
+                no_verdict: ResolvedAlarm, exposure_days: float) -> ResolvedAlarm:
     """The source's alarm settings with this overlay (`no_verdict` when it does not apply).
-    detector: the source's model without the overlay."""
-    cal = getattr(detector, "calibration", None)
-    if (cal is None or no_verdict.origin != "budget" or no_verdict.rule != "kofn"
-            or overlay.windows == 0):
+    detector: the source's model without the overlay; exposure_days: audio the source has
+    been scored on."""
+    if (getattr(detector, "calibration", None) is None or no_verdict.origin != "budget"
+            or no_verdict.rule != "kofn" or overlay.windows == 0
+            or no_verdict.expected_per_day is None or no_verdict.budget_per_day is None):
         return no_verdict
-    judged = judged_scores(detector, overlay)
-    judged = judged[np.isfinite(judged)]
-    if not len(judged):
+    peaks = [float(np.max(s[np.isfinite(s)])) for s in judged_by_verdict(detector, overlay)
+             if np.isfinite(s).any()]
+    false_alarms = sum(p >= no_verdict.threshold for p in peaks)
+    expected = no_verdict.expected_per_day * max(0.0, exposure_days)
+    factor = rate_factor(false_alarms, expected)
+    if not false_alarms or factor <= 1.0:
         return no_verdict
-    tail = cal.tail_for(machine_id)
-    refit = ScoreTail.fit(np.concatenate([tail.scores, judged]), tail.quantile)
-    det = copy.copy(detector)
-    det.calibration = _with_tail(cal, machine_id, refit)
-    resolved = resolve_for_detector(det, alarm, hop_s=hop_s, machine_id=machine_id)
-    low, high = no_verdict.threshold, max(no_verdict.threshold, float(judged.max()))
-    bounded = min(max(resolved.threshold, low), high)
-    if bounded != resolved.threshold:  # the expectation at the bounded threshold, same tail
-        at = resolve_for_detector(det, dataclasses.replace(alarm, threshold=bounded),
-                                  hop_s=hop_s, machine_id=machine_id)
-        resolved = dataclasses.replace(at, origin="budget",
-                                       budget_per_day=no_verdict.budget_per_day)
-    return resolved
+    budget = no_verdict.budget_per_day
+    resolved = resolve_for_detector(
+        detector, dataclasses.replace(alarm, false_alarms_per_day=budget / factor),
+        hop_s=hop_s, machine_id=machine_id)
+    bounded = min(max(resolved.threshold, no_verdict.threshold), max(peaks))
+    if bounded != resolved.threshold:  # the calibrated expectation at the bounded threshold
+        resolved = resolve_for_detector(detector, dataclasses.replace(alarm, threshold=bounded),
+                                        hop_s=hop_s, machine_id=machine_id)
+    why = (f"; rate x{factor:.2f} after {false_alarms} confirmed false alarm(s) in "
+           f"{exposure_days:.2f} days scored (calibration expected {expected:.2f})")
+    return dataclasses.replace(resolved, origin="budget", budget_per_day=budget,
+                               expected_per_day=resolved.expected_per_day * factor,
+                               tail=resolved.tail + why)

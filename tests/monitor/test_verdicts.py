@@ -200,6 +200,7 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
                    if '"threshold_updated"' in ln]
         assert len(updated) == 1 and updated[0]["old"] == pytest.approx(first["threshold"])
         assert first["threshold"] < updated[0]["new"] <= first["score"] + 1e-6
+        assert "1 confirmed false alarm" in updated[0]["why"]
         assert again["threshold"] == pytest.approx(updated[0]["new"])
 
         exported = harken("model", "export", "--config", str(cfg), "--source", "fan",
@@ -222,6 +223,10 @@ def test_cli_verdicts_on_a_running_daemon(tmp_path, ref_model):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    # the audio the source was scored on, kept for the next start's recalibration
+    scored = [ln for ln in _lines(out) if "score" in ln and ln.get("source") == "fan"]
+    kept = json.loads((tmp_path / "state" / "exposure.json").read_text())["scored_s"]
+    assert kept["fan"] == pytest.approx(10.0 * len(scored)) and len(scored) >= 3
 
 
 def test_export_folds_the_reference_into_a_new_artifact(tmp_path, ref_model):

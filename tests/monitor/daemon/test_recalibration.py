@@ -1,13 +1,16 @@
-"""The threshold follows the normal reference: leave-one-verdict-out scores join the calibrated
-tail, bounded by the no-verdict threshold and the largest judged score."""
+"""The threshold follows the confirmed false alarms as a rate: (1 + N) / (1 + E) times the
+calibrated rate, met at the source's budget; the loudness of a judged sound does not set it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from monitor.daemon.config import AlarmConfig
-from monitor.daemon.recalibration import judged_scores, recalibrate
+from monitor.daemon.exposure import Exposure
+from monitor.daemon.recalibration import judged_scores, rate_factor, recalibrate
 from monitor.daemon.thresholds import resolve_for_detector
 from monitor.detector import Detector
 from monitor.reference import ReferenceStore
@@ -17,39 +20,68 @@ from tests.monitor.test_verdicts import fault_clip, ref_model  # noqa: F401
 ALARM = AlarmConfig(k=1, n=1, hold_s=0.0)
 
 
-def _resolve(det, overlay, alarm=ALARM):
+def _resolve(det, overlay, alarm=ALARM, days=0.0):
     base = resolve_for_detector(det, alarm, hop_s=10.0, machine_id=None)
-    return base, recalibrate(det, overlay, alarm, hop_s=10.0, machine_id=None, no_verdict=base)
+    return base, recalibrate(det, overlay, alarm, hop_s=10.0, machine_id=None, no_verdict=base,
+                             exposure_days=days)
 
 
-def test_a_verdict_moves_the_threshold_within_its_bounds_and_undo_restores_it(tmp_path, ref_model):
+def _at_budget(det, per_day):
+    return resolve_for_detector(det, dataclasses.replace(ALARM, false_alarms_per_day=per_day),
+                                hop_s=10.0, machine_id=None)
+
+
+def test_the_rate_factor_is_the_posterior_mean_of_a_gamma_poisson():
+    assert rate_factor(0, 0.0) == 1.0
+    assert rate_factor(1, 0.0) == 2.0  # the first false alarm on a fresh source
+    assert rate_factor(1, 1.0) == 1.0  # one where one was expected: the calibration holds
+    assert rate_factor(3, 1.0) == 2.0
+    assert rate_factor(1, -5.0) == 2.0  # no negative exposure
+
+
+def test_a_false_alarm_raises_the_threshold_by_its_rate_not_to_its_loudness(tmp_path, ref_model):
     det = Detector.load(ref_model, device="cpu")
     assert det.calibration is not None
     store = ReferenceStore(tmp_path, "fan")
     judged = fault_clip(7)
-    near = fault_clip(8)  # the same fault, another take: judged against the first verdict
     store.add("n1-fan-1", "v1", det.embed(judged[None]).cpu(), [None])
     one = store.load()
     base, moved = _resolve(det, one)
-    alone = judged_scores(det, one)
-    # with no other verdict, leave-one-out is the model's own score of the sound
-    assert alone[0] == pytest.approx(det.score_windows(judged[None])[0], rel=1e-5)
-    assert base.threshold < moved.threshold
-    # one loud verdict in a 20-score tail asks for far more; the bound is the judged score
-    assert moved.threshold == pytest.approx(alone.max())
-    assert moved.expected_per_day is not None and moved.origin == "budget"
+    loud = judged_scores(det, one)
+    # the first verdict is scored by the model alone: the score it alarmed with
+    assert loud[0] == pytest.approx(det.score_windows(judged[None])[0], rel=1e-5)
+    assert loud[0] > base.threshold
+    # one confirmed false alarm on a fresh source: twice the calibrated rate, met at the budget
+    assert moved.threshold == pytest.approx(_at_budget(det, base.budget_per_day / 2).threshold)
+    assert base.threshold < moved.threshold < loud[0], "deaf to faults quieter than the verdict"
+    assert moved.origin == "budget" and moved.budget_per_day == base.budget_per_day
+    assert moved.expected_per_day <= base.budget_per_day * 1.05
+    assert "1 confirmed false alarm" in moved.tail
 
-    store.add("n1-fan-2", "v2", det.embed(near[None]).cpu(), [None])
+    # another false alarm, a sound unlike the first: three times the rate, a higher threshold
+    other = tone_clip(np.random.default_rng(11), 1, anomalous=True)
+    store.add("n1-fan-2", "v2", det.embed(other[None]).cpu(), [None])
     two = store.load()
-    both = judged_scores(det, two)
-    assert both[0] < alone[0], "each take scored against the other take's verdict"
+    assert judged_scores(det, two)[1] >= base.threshold
     _, moved2 = _resolve(det, two)
-    assert base.threshold <= moved2.threshold <= max(base.threshold, both.max())
+    assert moved2.threshold == pytest.approx(_at_budget(det, base.budget_per_day / 3).threshold)
+    assert moved2.threshold > moved.threshold
 
     store.undo("v2")
     store.undo("v1")
     _, restored = _resolve(det, store.load())
     assert restored.threshold == base.threshold
+
+
+def test_a_false_alarm_after_long_quiet_service_leaves_the_threshold(tmp_path, ref_model):
+    det = Detector.load(ref_model, device="cpu")
+    store = ReferenceStore(tmp_path, "fan")
+    store.add("n1-fan-1", "v1", det.embed(fault_clip(7)[None]).cpu(), [None])
+    base, fresh = _resolve(det, store.load(), days=0.0)
+    days = 2.0 / base.expected_per_day  # two false alarms expected in that time, one seen
+    _, seasoned = _resolve(det, store.load(), days=days)
+    assert fresh.threshold > base.threshold
+    assert seasoned.threshold == base.threshold
 
 
 def test_an_explicit_threshold_is_never_changed(tmp_path, ref_model):
@@ -68,5 +100,20 @@ def test_a_judged_sound_below_the_threshold_leaves_it(tmp_path, ref_model):
     store.add("n1-fan-1", "v1", det.embed(hum[None]).cpu(), [None])
     base, after = _resolve(det, store.load())
     assert judged_scores(det, store.load()).max() < base.threshold
-    # the refit tail asks for a little more, but no judged sound alarmed: nothing to raise for
     assert after.threshold == base.threshold
+
+
+def test_exposure_is_kept_across_restarts_and_an_unreadable_file_counts_from_zero(tmp_path):
+    first = Exposure(tmp_path)
+    first.add("fan", 10.0)
+    first.add("fan", 10.0)
+    first.add("pump", 5.0)
+    first.save()
+    again = Exposure(tmp_path)
+    assert again.scored_s("fan") == 20.0 and again.scored_s("pump") == 5.0
+    again.add("fan", 86_380.0)
+    assert again.days("fan") == pytest.approx(1.0)
+    again.save()
+    assert Exposure(tmp_path).scored_s("fan") == pytest.approx(86_400.0)
+    (tmp_path / "exposure.json").write_text("{not json")
+    assert Exposure(tmp_path).scored_s("fan") == 0.0
