@@ -22,6 +22,7 @@ from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_passw
 from monitor.daemon.event_worker import EventWorker
 from monitor.daemon.evidence import EvidenceStore
 from monitor.daemon.exposure import Exposure
+from monitor.daemon.fanout import FanoutPublisher
 from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue, percentile
 from monitor.daemon.metrics import DaemonMetrics
 from monitor.daemon.notify import SystemdNotifier
@@ -30,27 +31,6 @@ from monitor.daemon.ringbuffer import RingBuffer
 from monitor.daemon.sensor import SensorFaultMonitor
 from monitor.daemon.types import AlarmEvent, AudioBlock, Publisher, Score, Source, Window
 from monitor.logs import get_logger
-
-
-class FanoutPublisher:
-    """Several sinks at once (MQTT plus a JSONL file)."""
-
-    def __init__(self, sinks: list):
-        self.sinks = sinks
-
-    def __getattr__(self, name):
-        def call(*args, **kwargs):
-            for sink in self.sinks:
-                getattr(sink, name)(*args, **kwargs)
-        return call
-
-    def status(self) -> dict:
-        """The counters of the sinks that keep any (MQTT: connection, outbox)."""
-        out: dict = {}
-        for sink in self.sinks:
-            if hasattr(sink, "status"):
-                out.update(sink.status())
-        return out
 
 
 class Daemon:
@@ -501,8 +481,8 @@ class Daemon:
 
     def publisher_status(self) -> dict:
         """The MQTT publisher's counters (outbox_pending, scores_dropped...); {} for JSONL only."""
-        status = getattr(self.publisher, "status", None)
-        return dict(status()) if callable(status) else {}
+        assert self.publisher is not None
+        return dict(self.publisher.status())
 
     def publish_stats(self) -> None:
         stats = self.stats()

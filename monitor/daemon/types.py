@@ -114,6 +114,10 @@ class Publisher(Protocol):
 
     def publish_stats(self, stats: dict) -> None: ...
 
+    def status(self) -> dict:
+        """The sink's own counters for the stats message ({} when it keeps none)."""
+        ...
+
     def stop(self) -> None:
         """Clean exit: publish `stopped`, flush what is queued, disconnect."""
         ...

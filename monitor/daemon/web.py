@@ -95,6 +95,9 @@ class WebSink:
             self.sources[source]["state"] = state
         self._push("source", {"source": source, "state": state})
 
+    def status(self) -> dict:
+        return {}
+
     def publish_stats(self, stats: dict) -> None:
         keep = {k: stats.get(k) for k in ("windows_scored", "windows_dropped", "queue_depth",
                                           "outbox_pending", "inference_ms_p50",
