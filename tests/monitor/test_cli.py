@@ -48,3 +48,37 @@ def test_weights_fetch_is_a_train_action(tmp_path):
     proc = _runtime_only(tmp_path, "weights", "fetch", "ast")
     assert proc.returncode == 2
     assert "invalid choice: 'fetch'" in proc.stderr
+
+
+def test_monitor_scores_and_alarms_without_train(tmp_path, tiny_model, tone_data):
+    """The line-side install: `harken monitor` on a folder of real WAVs with train/ and bench/
+    unreachable, to the end of the folder, with scores and an alarm in its JSONL."""
+    import json
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    picked = sorted((tone_data / "test").glob("anomaly_*.wav"))[:2] + \
+        sorted((tone_data / "test").glob("normal_*.wav"))[:2]
+    for p in picked:
+        shutil.copy(p, clips / p.name)
+    out = tmp_path / "out.jsonl"
+    cfg = tmp_path / "harken.yaml"
+    cfg.write_text(f"""\
+node: n1
+state_dir: {tmp_path / 'state'}
+jsonl: {out}
+device: cpu
+alarm: {{k: 1, n: 1, hold_s: 0, threshold: -1000.0}}
+sources:
+  - id: line
+    kind: folder
+    model: {tiny_model}
+    path: {clips}
+    speed: max
+""")
+    proc = _runtime_only(tmp_path, "monitor", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()]
+    scored = {ln["file"].rsplit("/", 1)[-1] for ln in lines if "score" in ln and "file" in ln}
+    assert scored == {p.name for p in picked}
+    assert any(ln.get("type") == "start" for ln in lines), "every window is over a threshold of -1000"
