@@ -2,8 +2,9 @@
 
 Each key every artifact carries is a typed field under its on-disk name; the keys some
 artifacts carry beyond those (`enrolment`, `reference_overlay`, whatever a newer harken of the
-same format version added) stay in `extra`, so `to_json()` gives back what the file holds.
-`Manifest` is also a read-only `Mapping` over that JSON, for readers that look keys up.
+same format version added) stay in `extra`, and the keys' order is kept, so `to_json()` gives
+back what the file holds, key for key. `Manifest` is also a read-only `Mapping` over that JSON,
+for readers that look keys up.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ FUSION_METHODS = ("mean", "max")
 REQUIRED = ("encoder", "scorers", "threshold", "sample_rate_hz", "window_s", "tensors_sha256")
 WRITTEN_BY_SAVE = ("format", "format_version", "harken_version", "created_utc", "tensors_sha256")
 
-# The order keys are written in (what `harken train` has always written); extras follow them,
-# and the tensors' hash, computed last, comes last.
+# The order of a manifest built field by field (the order `harken train` writes); one read
+# from JSON keeps the JSON's order.
 _HEAD = ("format", "format_version", "harken_version", "created_utc")
 _BODY = ("name", "sample_rate_hz", "window_s", "encoder", "scorers", "fusion", "normalisation",
          "threshold", "normal_scores", "calibration", "training")
@@ -55,6 +56,7 @@ class Manifest(Mapping):
     calibration: dict[str, Any] | None = None  # None for models trained before calibration
     training: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    key_order: tuple[str, ...] = field(default=(), repr=False)  # as in the JSON it came from
 
     @classmethod
     def from_json(cls, d: Mapping, where: Path | str, *, saving: bool = False) -> Manifest:
@@ -65,8 +67,9 @@ class Manifest(Mapping):
         validate_manifest(d, where, saving=saving)
         rest = copy.deepcopy(dict(d))
         # a key present as null keeps its place in `extra`: the file is given back as it was
+        order = tuple(rest)
         typed = {k: rest.pop(k) for k in _TYPED if rest.get(k) is not None}
-        return cls(**typed, extra=rest)
+        return cls(**typed, extra=rest, key_order=order)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to manifest.json (a deep copy, free to change)."""
@@ -100,12 +103,12 @@ class Manifest(Mapping):
     # ------------------------------------------------------------------ Mapping over the JSON
 
     def _items(self) -> Iterator[tuple[str, Any]]:
-        for key in _HEAD + _BODY:
-            value = getattr(self, key)
-            if value is not None:
-                yield key, value
-        yield from self.extra.items()
-        yield "tensors_sha256", self.tensors_sha256
+        present = {k: getattr(self, k) for k in _HEAD + _BODY if getattr(self, k) is not None}
+        present.update(self.extra)
+        present["tensors_sha256"] = self.tensors_sha256
+        known = [k for k in self.key_order if k in present]
+        for key in known + [k for k in present if k not in self.key_order]:
+            yield key, present[key]
 
     def _items_dict(self) -> dict[str, Any]:
         return dict(self._items())
@@ -124,7 +127,7 @@ class Manifest(Mapping):
         return sum(1 for _ in self._items())
 
 
-_TYPED = frozenset(f.name for f in fields(Manifest)) - {"extra"}
+_TYPED = frozenset(f.name for f in fields(Manifest)) - {"extra", "key_order"}
 assert _TYPED == set(_HEAD + _BODY + ("tensors_sha256",)), "every field has its place on disk"
 
 
