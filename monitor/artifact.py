@@ -14,13 +14,11 @@ import errno
 import glob
 import hashlib
 import json
-import math
 import os
-import reprlib
 import secrets
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import monitor
 from monitor.errors import ArtifactError, UsageError
+from monitor.manifest import FORMAT, FORMAT_VERSION, WRITTEN_BY_SAVE, Manifest
 
-FORMAT = "harken-model"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
@@ -41,7 +38,7 @@ TENSORS = "model.safetensors"
 @dataclass(frozen=True)
 class Artifact:
     path: Path
-    manifest: dict
+    manifest: Manifest
     tensors: dict[str, torch.Tensor]
 
 
@@ -55,8 +52,6 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 MODEL_FILES = (MANIFEST, TENSORS, MANIFEST + ".tmp")  # what a model directory may hold
 MAX_MANIFEST_BYTES = 16 << 20
-MAX_WINDOW_S = 600.0
-FUSION_METHODS = ("mean", "max")
 _STAGING = ".partial-"
 
 
@@ -80,9 +75,13 @@ def check_model_dir(out: str | Path) -> None:
                          "choose an empty or new directory for the model")
 
 
-def save_artifact(out_dir: str | Path, manifest: dict, tensors: dict[str, torch.Tensor], *,
+def save_artifact(out_dir: str | Path, manifest: Manifest | Mapping,
+                  tensors: dict[str, torch.Tensor], *,
                   verify: Callable[[Path], object] | None = None) -> Path:
     """Write the artifact into a temporary sibling directory, check it, then move it into place.
+
+    `manifest` is a Manifest (its format version, harken version, creation time and tensor
+    hash are written afresh) or a mapping of the other keys, as `harken train` builds it.
 
     The old model at `out_dir` stays complete and loadable until the new one is: a crash or a
     signal at any point leaves either the old model or the new one, never a mixture.
@@ -102,17 +101,20 @@ def save_artifact(out_dir: str | Path, manifest: dict, tensors: dict[str, torch.
         tensor_path = staging / TENSORS
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tensor_path))
         _fsync(tensor_path)
-        full = {
+        given = manifest
+        if isinstance(manifest, Manifest):  # stamped afresh below
+            given = {k: v for k, v in manifest.items() if k not in WRITTEN_BY_SAVE}
+        full = Manifest.from_json({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "harken_version": monitor.__version__,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **manifest,
+            **given,
             "tensors_sha256": sha256_file(tensor_path),
-        }
-        validate_manifest(full, out / MANIFEST, saving=True)
+        }, out / MANIFEST, saving=True)
         check_tensors(tensors, out / TENSORS, saving=True)
-        (staging / MANIFEST).write_text(json.dumps(full, indent=2, allow_nan=False) + "\n")
+        (staging / MANIFEST).write_text(json.dumps(full.to_json(), indent=2, allow_nan=False)
+                                        + "\n")
         _fsync(staging / MANIFEST)
         _fsync(staging)
         if verify is not None:
@@ -190,146 +192,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _finite_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _short(value, limit: int = 60) -> str:
-    text = reprlib.repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def validate_manifest(m: dict, where: Path, *, saving: bool = False) -> None:
-    """Everything a loader relies on, checked before any of it is used: one ArtifactError
-    naming the file and the key (a hand-edited or corrupted manifest never gives a traceback)."""
-    prefix = "refusing to save the model: " if saving else f"{where}: "
-
-    def bad(key: str, msg: str):
-        raise ArtifactError(f"{prefix}{key}: {msg}")
-
-    version = m.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        bad("format_version", "is missing or not an integer")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(f"{where}: format_version {version} is newer than this harken "
-                            f"supports ({FORMAT_VERSION}); upgrade harken")
-    if version < 1:
-        bad("format_version", f"must be 1..{FORMAT_VERSION}, got {version}")
-    for key in ("encoder", "scorers", "threshold", "sample_rate_hz", "window_s", "tensors_sha256"):
-        if key not in m:
-            raise ArtifactError(f"{where}: required key {key!r} is missing")
-    enc = m["encoder"]
-    if not isinstance(enc, dict) or not isinstance(enc.get("name"), str) or not enc["name"]:
-        bad("encoder", f"must be a mapping with a name, got {_short(enc)}")
-    _check_front_end(enc, bad)
-    scorers = m["scorers"]
-    if not isinstance(scorers, list) or not scorers:
-        bad("scorers", f"must be a non-empty list of scorers, got {_short(scorers)}")
-    from monitor.scorers import SCORERS, scorer_kind  # here, not at import: artifact stays light
-
-    names = []
-    for i, s in enumerate(scorers):
-        if not isinstance(s, dict) or not isinstance(s.get("name"), str):
-            bad(f"scorers[{i}]", f"must be a mapping with a name, got {_short(s)}")
-        if scorer_kind(s["name"]) not in SCORERS:
-            bad(f"scorers[{i}].name", f"unknown scorer {_short(s['name'])} "
-                                      f"(known: {', '.join(SCORERS)})")
-        if s["name"] in names:
-            bad(f"scorers[{i}].name", f"{s['name']!r} appears twice")
-        names.append(s["name"])
-    fusion = m.get("fusion", {"method": "mean", "stats": {}})
-    if not isinstance(fusion, dict) or fusion.get("method") not in FUSION_METHODS:
-        got = fusion.get("method") if isinstance(fusion, dict) else fusion
-        bad("fusion.method", f"must be one of {', '.join(FUSION_METHODS)}, got {_short(got)}")
-    stats = fusion.get("stats")
-    if not isinstance(stats, dict):
-        bad("fusion.stats", f"must be a mapping, got {_short(stats)}")
-    for name, pair in stats.items():
-        if (not isinstance(pair, list) or len(pair) != 2 or not all(map(_finite_number, pair))
-                or pair[1] <= 0):
-            bad(f"fusion.stats.{_short(name, 20)}",
-                f"must be [mean, std > 0] of finite numbers, got {_short(pair)}")
-    if fusion.get("transform", "none") not in ("none", "log"):
-        bad("fusion.transform", f"must be none or log, got {_short(fusion.get('transform'))}")
-    fusion_per_id = fusion.get("per_id", {})
-    if not isinstance(fusion_per_id, dict):
-        bad("fusion.per_id", f"must be a mapping of machine ID to statistics, got {_short(fusion_per_id)}")
-    for key, id_stats in fusion_per_id.items():
-        if not isinstance(id_stats, dict) or set(id_stats) != set(stats):
-            bad(f"fusion.per_id.{_short(key, 10)}", "must hold statistics for the same scorers as fusion.stats")
-        for name, pair in id_stats.items():
-            if (not isinstance(pair, list) or len(pair) != 2 or not all(map(_finite_number, pair))
-                    or pair[1] <= 0):
-                bad(f"fusion.per_id.{_short(key, 10)}.{_short(name, 20)}",
-                    f"must be [mean, std > 0] of finite numbers, got {_short(pair)}")
-    if len(names) > 1 and not set(names) <= set(stats):
-        bad("fusion.stats", f"has no statistics for {', '.join(sorted(set(names) - set(stats)))} "
-                            "(needed to fuse several scorers)")
-    th = m["threshold"]
-    if not isinstance(th, dict) or "value" not in th:
-        bad("threshold", f"must be a mapping with a value, got {_short(th)}")
-    if not _finite_number(th["value"]):
-        bad("threshold.value", f"must be a finite number, got {_short(th['value'])} "
-                               "(retrain the model)")
-    per_id = th.get("per_id", {})
-    if not isinstance(per_id, dict):
-        bad("threshold.per_id", f"must be a mapping of machine ID to threshold, got {_short(per_id)}")
-    for key, value in per_id.items():
-        if not (isinstance(key, str) and key.isdigit() and len(key) <= 6):
-            bad("threshold.per_id", f"keys must be machine IDs like \"00\", got {_short(key)}")
-        if not _finite_number(value):
-            bad(f"threshold.per_id.{key}", f"must be a finite number, got {_short(value)}")
-    rate = m["sample_rate_hz"]
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-        bad("sample_rate_hz", f"must be a positive integer, got {_short(rate)}")
-    w = m["window_s"]
-    if not _finite_number(w) or not 0 < w <= MAX_WINDOW_S:
-        bad("window_s", f"must be a number in (0, {MAX_WINDOW_S:g}] seconds, got {_short(w)}")
-    digest = m["tensors_sha256"]
-    if not isinstance(digest, str) or len(digest) != 64:
-        bad("tensors_sha256", f"must be a sha256 hex digest, got {_short(digest)}")
-    if "name" in m and not isinstance(m["name"], str):
-        bad("name", f"must be a string, got {_short(m['name'])}")
-
-
-_MEL_INTS = {"sample_rate_hz": (8_000, 48_000), "n_fft": (16, 65_536), "hop_length": (1, 65_536),
-             "n_mels": (1, 1_024)}
-
-
-def _check_front_end(enc: dict, bad) -> None:
-    """The log-mel settings an encoder spec may carry are used only when scoring starts:
-    check them here, so a hand-edited one fails at load, not in the first batch."""
-    if "image_frames" in enc:
-        v = enc["image_frames"]
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
-            bad("encoder.image_frames", f"must be an integer in 1..100000, got {_short(v)}")
-    if "mel" not in enc:
-        return
-    mel = enc["mel"]
-    from monitor.audio import MelParams
-
-    known = set(MelParams.__dataclass_fields__)
-    if not isinstance(mel, dict) or not set(mel) <= known:
-        bad("encoder.mel", f"must be a mapping of {', '.join(sorted(known))}, got {_short(mel)}")
-    for key, (lo, hi) in _MEL_INTS.items():
-        if key in mel:
-            v = mel[key]
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                bad(f"encoder.mel.{key}", f"must be an integer in {lo}..{hi}, got {_short(v)}")
-    for key in ("f_min_hz", "log_floor"):
-        if key in mel and (not _finite_number(mel[key]) or mel[key] < 0):
-            bad(f"encoder.mel.{key}", f"must be a finite number >= 0, got {_short(mel[key])}")
-    if "log_floor" in mel and mel["log_floor"] <= 0:
-        bad("encoder.mel.log_floor", f"must be > 0, got {_short(mel['log_floor'])}")
-    if mel.get("f_max_hz") is not None and (not _finite_number(mel["f_max_hz"])
-                                            or mel["f_max_hz"] <= mel.get("f_min_hz", 0.0)):
-        bad("encoder.mel.f_max_hz", f"must be empty or a number above f_min_hz, got "
-                                    f"{_short(mel['f_max_hz'])}")
-
-
 def check_tensors(tensors: dict[str, torch.Tensor], where: Path, *, saving: bool = False) -> None:
     """No NaN or infinity in any floating-point tensor: they would make every score NaN."""
     for name, t in tensors.items():
@@ -360,24 +222,22 @@ def load_artifact(path: str | Path) -> Artifact:
         if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{manifest_path}: over {MAX_MANIFEST_BYTES >> 20} MB; not a "
                                 "harken model manifest")
-        manifest = json.loads(manifest_path.read_text())
+        raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
     except RecursionError:
         raise ArtifactError(f"{manifest_path}: nested too deeply; not a harken model manifest") from None
     except OSError as exc:
         raise ArtifactError(f"{manifest_path}: cannot read it ({exc.strerror or exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: not a harken model manifest (format != {FORMAT!r})")
-    validate_manifest(manifest, manifest_path)
+    manifest = Manifest.from_json(raw, manifest_path)
     tensor_path = root / TENSORS
     if not tensor_path.is_file():
         raise ArtifactError(f"{tensor_path}: missing")
     digest = sha256_file(tensor_path)
-    if digest != manifest["tensors_sha256"]:
+    if digest != manifest.tensors_sha256:
         raise ArtifactError(
             f"{tensor_path}: sha256 {digest[:12]}... does not match the manifest "
-            f"({str(manifest['tensors_sha256'])[:12]}...); the file is corrupted or was replaced"
+            f"({manifest.tensors_sha256[:12]}...); the file is corrupted or was replaced"
         )
     try:
         tensors = load_file(str(tensor_path))

@@ -23,11 +23,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import ndtr, ndtri
 
 from monitor.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from monitor.manifest import Manifest
 
 SECONDS_PER_DAY = 86_400.0
 TAIL_QUANTILE = 0.9  # the GPD models scores above this quantile of the normal scores
@@ -200,10 +204,10 @@ class Calibration:
                    tail("known_id", entry["known_id"]) if "known_id" in entry else None)
 
 
-def load_calibration(manifest: dict, tensors, where: Path | str) -> Calibration | None:
+def load_calibration(manifest: Manifest, tensors, where: Path | str) -> Calibration | None:
     """The artifact's calibration, None for models trained before it; a broken entry is an
     ArtifactError naming the file and key."""
-    entry = manifest.get("calibration")
+    entry = manifest.calibration
     if entry is None:
         return None
     why = calibration_problem(entry, tensors)

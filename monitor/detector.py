@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from monitor.artifact import Artifact, load_artifact
+from monitor.manifest import Manifest
 from monitor.calibration import Calibration, load_calibration
 from monitor.audio import SAMPLE_RATE_HZ, LogMel, MelParams
 from monitor.encoders.base import Encoder
@@ -54,7 +55,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 class Detector:
     def __init__(self, encoder: Encoder, standardizer: Standardizer, scorers: dict[str, Scorer],
-                 fusion: Fusion, threshold: float, manifest: dict, device: torch.device,
+                 fusion: Fusion, threshold: float, manifest: Manifest, device: torch.device,
                  precision: str = "fp32", compile: bool = False):
         self.precision = precision
         self.autocast_dtype = resolve_precision(precision, device)
@@ -72,13 +73,12 @@ class Detector:
         self.threshold = float(threshold)
         # Per machine ID thresholds (manifest threshold.per_id, keys "00", "01", ...): one
         # machine's normal scores can sit well above or below another's.
-        self.thresholds_per_id = {int(k): float(v) for k, v in
-                                  manifest.get("threshold", {}).get("per_id", {}).items()}
+        self.thresholds_per_id = manifest.thresholds_per_id
         self.manifest = manifest
         self.device = device
-        self.sample_rate_hz = int(manifest.get("sample_rate_hz", SAMPLE_RATE_HZ))
-        self.window_s = float(manifest.get("window_s", 10.0))
-        self.name = manifest.get("name") or f"{manifest['encoder']['name']}+" + "+".join(scorers)
+        self.sample_rate_hz = int(manifest.sample_rate_hz)
+        self.window_s = float(manifest.window_s)
+        self.name = manifest.name or f"{manifest.encoder['name']}+" + "+".join(scorers)
         self._log_mel: LogMel | None = None
         self.calibration: Calibration | None = None  # set by from_artifact
         self._mel_image: MelImageEncoder | None = None
@@ -99,18 +99,18 @@ class Detector:
         resolve_precision(precision, dev)  # a bad name fails before the weights load
         m = art.manifest
         where = art.path / "manifest.json"
-        if int(m["sample_rate_hz"]) != SAMPLE_RATE_HZ:
+        if int(m.sample_rate_hz) != SAMPLE_RATE_HZ:
             raise ArtifactError(
-                f"{where}: trained at {m['sample_rate_hz']} Hz but this harken runs at "
+                f"{where}: trained at {m.sample_rate_hz} Hz but this harken runs at "
                 f"{SAMPLE_RATE_HZ} Hz; retrain the model"
             )
         try:
-            encoder = build_encoder(m["encoder"], dev)
-            if m["encoder"].get("fine_tuned"):
+            encoder = build_encoder(m.encoder, dev)
+            if m.encoder.get("fine_tuned"):
                 load_tuned_encoder(encoder, art.tensors)  # errors get `where` below
             std = Standardizer(art.tensors["standardizer.mean"], art.tensors["standardizer.std"])
             scorers: dict[str, Scorer] = {}
-            for cfg in m["scorers"]:
+            for cfg in m.scorers:
                 prefix = f"scorer.{cfg['name']}."
                 own = {k[len(prefix):]: v for k, v in art.tensors.items() if k.startswith(prefix)}
                 scorers[cfg["name"]] = load_scorer(cfg, own)
@@ -128,13 +128,13 @@ class Detector:
         if std.mean.shape[0] != encoder.embedding_dim:
             raise ArtifactError(
                 f"{where}: normalisation has {std.mean.shape[0]} dims but encoder "
-                f"{m['encoder']['name']} gives {encoder.embedding_dim}"
+                f"{m.encoder['name']} gives {encoder.embedding_dim}"
             )
         for s in scorers.values():
             if hasattr(s, "model"):
                 s.model.to(dev)
-        fusion = Fusion.from_json(m.get("fusion", {"method": "mean", "stats": {}}))
-        det = cls(encoder, std, scorers, fusion, m["threshold"]["value"], m, dev,
+        fusion = Fusion.from_json(m.fusion_spec)
+        det = cls(encoder, std, scorers, fusion, m.threshold_value, m, dev,
                   precision=precision, compile=compile)
         # Out-of-fold normal scores and their tail (None for models trained before them).
         det.calibration = load_calibration(m, art.tensors, where)
@@ -216,7 +216,7 @@ class Detector:
         err = recon.errors(f)[0]
         if recon.needs_map:
             return err.cpu().numpy()
-        if self.manifest["encoder"]["name"] in ("mel", "conv"):
+        if self.manifest.encoder["name"] in ("mel", "conv"):
             return err.reshape(128, -1).cpu().numpy()
         return None
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from monitor.calibration import MIN_SCORES, Calibration, ScoreTail
 from monitor.errors import UsageError
+from monitor.manifest import Manifest
 from monitor.reference import _fsync_replace
 from monitor.scorers import Features, Fusion, KnnScorer, MahalanobisScorer, scorer_kind
 
@@ -37,9 +38,9 @@ MIN_WINDOWS = MIN_SCORES  # the out-of-fold scores must be enough for a calibrat
 FITTABLE = ("knn", "mahalanobis", "diag")
 
 
-def enrolment_problem(manifest: dict) -> str | None:
+def enrolment_problem(manifest: Manifest) -> str | None:
     """Why this model's scorers cannot be fitted on the live stream, or None."""
-    names = [str(s.get("name")) for s in manifest.get("scorers", [])]
+    names = [str(s.get("name")) for s in manifest.scorers]
     bad = [n for n in names if scorer_kind(n) not in FITTABLE]
     if not bad:
         return None
@@ -99,7 +100,7 @@ def fit_enrolment(detector, embeddings: torch.Tensor, machine_ids: Sequence[int 
     out.calibration = Calibration(tail, {}, folds, float(hop_s))
     out.threshold = float(np.max(fused))  # used only where no budget applies
     out.thresholds_per_id = {}
-    out.manifest = {**detector.manifest, "enrolment": {"windows": n, "hop_s": float(hop_s)}}
+    out.manifest = detector.manifest.with_updates(enrolment={"windows": n, "hop_s": float(hop_s)})
     return out
 
 

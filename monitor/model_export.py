@@ -10,8 +10,6 @@ from pathlib import Path
 from monitor.artifact import load_artifact, save_artifact
 from monitor.errors import UsageError
 
-WRITTEN_BY_SAVE = ("format", "format_version", "harken_version", "created_utc", "tensors_sha256")
-
 
 def export_with_reference(model_dir: str | Path, overlay, out_dir: str | Path, *,
                           source: str) -> Path:
@@ -28,11 +26,11 @@ def export_with_reference(model_dir: str | Path, overlay, out_dir: str | Path, *
     tensors = {k: v for k, v in art.tensors.items() if not k.startswith("scorer.")}
     for name, scorer in det.scorers.items():
         tensors.update({f"scorer.{name}.{k}": v for k, v in scorer.state_tensors().items()})
-    manifest = {k: v for k, v in art.manifest.items() if k not in WRITTEN_BY_SAVE}
-    manifest["scorers"] = [{**old, **det.scorers[old["name"]].config()}
-                           for old in art.manifest["scorers"]]
-    manifest["reference_overlay"] = {"source": source, "version": overlay.version,
-                                     "windows": overlay.windows, "from_model": str(model_dir),
-                                     "verdicts": [e.to_json() for e in overlay.entries]}
+    # save_artifact stamps the format, versions, time and tensor hash afresh
+    manifest = art.manifest.with_updates(
+        scorers=[{**old, **det.scorers[old["name"]].config()} for old in art.manifest.scorers],
+        reference_overlay={"source": source, "version": overlay.version,
+                           "windows": overlay.windows, "from_model": str(model_dir),
+                           "verdicts": [e.to_json() for e in overlay.entries]})
     return save_artifact(out_dir, manifest, tensors,
                          verify=lambda staged: Detector.load(staged, device="cpu"))

@@ -97,7 +97,7 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
         return lambda mid: resolve_for_detector(detector, a, hop_s=10.0, machine_id=mid)
 
     result = {"seed": seed, "hours_per_id": hours, "ids": list(IDS), "snr_db": SNR_DB,
-              "model": str(model), "calibration": detector.manifest.get("calibration", {}).get("known_id")}
+              "model": str(model), "calibration": (detector.manifest.calibration or {}).get("known_id")}
     for rule in ("kofn", "ewma", "cusum"):
         a = AlarmConfig(rule=rule)
         result[rule] = stream_figures(normal, faulty, resolve_at(a), a.hold_s)

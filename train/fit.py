@@ -87,6 +87,60 @@ def score_summary(scores: np.ndarray) -> dict:
             "p99": float(np.quantile(s, 0.99)), "max": float(s.max())}
 
 
+def training_entry(cfg: TrainConfig, root: Path, embedded, n_held_out: int, history, tuned,
+                   n_params: int, *, embed_s: float, fit_s: float, device) -> dict:
+    """The manifest's `training` entry: where the data came from and how the fit went."""
+    per_id: dict[str, int] = {}
+    for c in dict.fromkeys(embedded.clips):
+        key = "unknown" if c.machine_id is None else f"{c.machine_id:02d}"
+        per_id[key] = per_id.get(key, 0) + 1
+    best = min(history, key=lambda e: e.val_loss) if history else None
+    return {
+        "data_dir": str(Path(root).resolve()),
+        "n_files": len(set(c.path for c in embedded.clips)),
+        "n_windows": int(embedded.embeddings.shape[0]),
+        "n_held_out_windows": int(n_held_out),
+        "files_per_id": per_id,
+        "skipped_files": embedded.skipped.total,
+        "data_sha256": data_fingerprint(list(dict.fromkeys(embedded.clips))),
+        "epochs": len(history),
+        "best_epoch": best.epoch if best else None,
+        "best_val_loss": best.val_loss if best else None,
+        "decoder_parameters": int(n_params),
+        "fine_tune": None if tuned is None else {
+            "encoder_lr": cfg.fine_tune_lr, "epochs": len(tuned.history),
+            "best_epoch": tuned.best_epoch, "val_loss_before": tuned.val_loss_before,
+            "val_loss_after": tuned.val_loss_after,
+            "history": [e.__dict__ for e in tuned.history]},
+        "embed_seconds": round(embed_s, 3),
+        "fit_seconds": round(fit_s, 3),
+        "device": str(device),
+        "config": cfg.to_json(),
+    }
+
+
+def manifest_entries(cfg: TrainConfig, spec: dict, scorers: dict, fusion: Fusion,
+                     std: Standardizer, threshold: dict, held_scores: np.ndarray,
+                     cal_entry: dict | None, training: dict) -> dict:
+    """What the artifact's manifest says beyond what save_artifact stamps (format, versions,
+    time, tensor hash), in the order it is written."""
+    return {
+        "name": f"{cfg.encoder}+" + "+".join(
+            (cfg.decoder if scorer_kind(n) == "recon" else n) for n in cfg.scorer_names),
+        "sample_rate_hz": SAMPLE_RATE_HZ,
+        "window_s": WINDOW_S,
+        "encoder": spec,
+        "scorers": [s.config() for s in scorers.values()],
+        "fusion": fusion.to_json(),
+        "normalisation": {"kind": "per-dimension z-score", "dim": int(std.mean.shape[0]),
+                          "tensors": ["standardizer.mean", "standardizer.std"]},
+        "threshold": threshold,
+        "normal_scores": score_summary(held_scores),
+        **({"calibration": cal_entry} if cal_entry is not None else {}),
+        "training": training,
+    }
+
+
 def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: str = "auto",
               progress: bool = True, cache_dir: Path | None = None) -> dict:
     """Train and save an artifact; returns a summary dict for the CLI."""
@@ -179,53 +233,17 @@ def fit_model(data: str | Path, out: str | Path, cfg: TrainConfig, *, device: st
         spec = {**spec, "fine_tuned": True, "tuned_sha256": tensors_digest(encoder_tensors)}
     for n, s in scorers.items():
         tensors.update({f"scorer.{n}.{k}": v for k, v in s.state_tensors().items()})
-    per_id: dict[str, int] = {}
-    for c in dict.fromkeys(embedded.clips):
-        key = "unknown" if c.machine_id is None else f"{c.machine_id:02d}"
-        per_id[key] = per_id.get(key, 0) + 1
+    cal_entry = None
     if calibration is not None:
         cal_entry, cal_tensors = calibration.to_manifest()
         tensors.update({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
                         for k, v in cal_tensors.items()})
-    best = min(history, key=lambda e: e.val_loss) if history else None
     n_params = sum(p.numel() for s in scorers.values() if hasattr(s, "model")
                    for p in s.model.parameters())
-    manifest = {
-        "name": f"{cfg.encoder}+" + "+".join(
-            (cfg.decoder if scorer_kind(n) == "recon" else n) for n in cfg.scorer_names),
-        "sample_rate_hz": SAMPLE_RATE_HZ,
-        "window_s": WINDOW_S,
-        "encoder": spec,
-        "scorers": [s.config() for s in scorers.values()],
-        "fusion": fusion.to_json(),
-        "normalisation": {"kind": "per-dimension z-score", "dim": int(std.mean.shape[0]),
-                          "tensors": ["standardizer.mean", "standardizer.std"]},
-        "threshold": threshold,
-        "normal_scores": score_summary(held_scores),
-        **({"calibration": cal_entry} if calibration is not None else {}),
-        "training": {
-            "data_dir": str(Path(root).resolve()),
-            "n_files": len(set(c.path for c in embedded.clips)),
-            "n_windows": int(embedded.embeddings.shape[0]),
-            "n_held_out_windows": int(len(ho)),
-            "files_per_id": per_id,
-            "skipped_files": embedded.skipped.total,
-            "data_sha256": data_fingerprint(list(dict.fromkeys(embedded.clips))),
-            "epochs": len(history),
-            "best_epoch": best.epoch if best else None,
-            "best_val_loss": best.val_loss if best else None,
-            "decoder_parameters": int(n_params),
-            "fine_tune": None if tuned is None else {
-                "encoder_lr": cfg.fine_tune_lr, "epochs": len(tuned.history),
-                "best_epoch": tuned.best_epoch, "val_loss_before": tuned.val_loss_before,
-                "val_loss_after": tuned.val_loss_after,
-                "history": [e.__dict__ for e in tuned.history]},
-            "embed_seconds": round(embed_s, 3),
-            "fit_seconds": round(fit_s, 3),
-            "device": str(dev),
-            "config": cfg.to_json(),
-        },
-    }
+    training = training_entry(cfg, root, embedded, len(ho), history, tuned, n_params,
+                              embed_s=embed_s, fit_s=fit_s, device=dev)
+    manifest = manifest_entries(cfg, spec, scorers, fusion, std, threshold, held_scores,
+                                cal_entry, training)
     # Round trip before it replaces anything: what we wrote must load.
     path = save_artifact(out, manifest, tensors, verify=lambda p: Detector.load(p, device="cpu"))
     log.info("model_saved", path=str(path), threshold=round(threshold["value"], 6),

@@ -220,7 +220,7 @@ class Daemon:
         if s.machine_id is not None or alarm.threshold is not None or \
                 getattr(det, "calibration", None) is None:
             return {}
-        trained = det.manifest.get("training", {}).get("files_per_id", {})
+        trained = det.manifest.files_per_id
         ids = sorted(int(k) for k in trained if k.isdigit())
         return {(s.id, mid): self._resolve_alarm(s, alarm, mid).window_threshold for mid in ids}
 

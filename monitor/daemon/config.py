@@ -23,6 +23,9 @@ from monitor.daemon.roles.settings import DistributedConfig, distributed_problem
 from monitor.errors import UsageError
 from monitor.yamlsafe import load_yaml_file, short_repr
 
+if typing.TYPE_CHECKING:
+    from monitor.manifest import Manifest
+
 SOURCE_KINDS = ("folder", "mic", "mqtt")
 
 
@@ -527,7 +530,7 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
     from monitor.audio import SAMPLE_RATE_HZ
 
     problems: list[str] = []
-    loaded: dict[str, dict | str] = {}
+    loaded: dict[str, Manifest | str] = {}
     for i, s in enumerate(cfg.sources):
         if s.model not in loaded:
             try:
@@ -539,12 +542,12 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
             problems.append(f"sources[{i}].model: {got}")
         elif (missing := _missing_weights(got)) is not None:
             problems.append(f"sources[{i}].model: {missing}")
-        elif int(got.get("sample_rate_hz", SAMPLE_RATE_HZ)) != SAMPLE_RATE_HZ:
+        elif int(got.sample_rate_hz) != SAMPLE_RATE_HZ:
             problems.append(f"sources[{i}].model: {s.model}/manifest.json: trained at "
-                            f"{got['sample_rate_hz']} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
+                            f"{got.sample_rate_hz} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
                             f"retrain the model at {SAMPLE_RATE_HZ} Hz")
-        elif float(got["window_s"]) != s.window_s:
-            problems.append(f"sources[{i}].window_s: the model was trained on {got['window_s']} s "
+        elif float(got.window_s) != s.window_s:
+            problems.append(f"sources[{i}].window_s: the model was trained on {got.window_s} s "
                             f"windows (got {s.window_s})")
         elif s.learn_for is not None:
             from monitor.enrolment import enrolment_problem
@@ -555,12 +558,12 @@ def model_problems(cfg: DaemonConfig) -> list[str]:
     return problems
 
 
-def _missing_weights(manifest: dict) -> str | None:
+def _missing_weights(manifest: Manifest) -> str | None:
     """The one-line error when a pretrained encoder's weights are not on this machine."""
     from monitor.encoders.registry import PRETRAINED
     from monitor.weights.store import locate
 
-    spec = manifest["encoder"]
+    spec = manifest.encoder
     if spec.get("name") not in PRETRAINED:
         return None
     try:

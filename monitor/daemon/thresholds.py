@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor.calibration import (SECONDS_PER_DAY, Calibration, RuleSimulator, RuleSpec,
                                  load_calibration)
 from monitor.daemon.rules import RULES, AlarmRule, CusumRule, EwmaRule, KOfNRule
 from monitor.errors import UsageError
+
+if TYPE_CHECKING:
+    from monitor.manifest import Manifest
 
 MAX_BUDGET_PER_DAY = 1_000.0  # beyond, a 2-of-3 alarm at 10 s is on more often than off
 
@@ -127,19 +131,19 @@ def resolve_for_detector(detector, alarm, *, hop_s: float, machine_id: int | Non
     """resolve_alarm for a loaded Detector (it carries `calibration`)."""
     return resolve_alarm(getattr(detector, "calibration", None), detector.threshold_for(machine_id),
                          alarm, hop_s=hop_s, window_s=detector.window_s, machine_id=machine_id,
-                         normal_summary=detector.manifest.get("normal_scores"))
+                         normal_summary=detector.manifest.normal_scores)
 
 
-def resolve_for_manifest(manifest: dict, tensors, where, alarm, *, hop_s: float,
+def resolve_for_manifest(manifest: Manifest, tensors, where, alarm, *, hop_s: float,
                          machine_id: int | None) -> ResolvedAlarm:
     """resolve_alarm from an artifact's manifest and tensors (check-config: no encoder built)."""
     calibration = load_calibration(manifest, tensors, where)
-    th = manifest["threshold"]
+    th = manifest.threshold
     stored = float(th.get("per_id", {}).get(f"{int(machine_id):02d}", th["value"])
                    if machine_id is not None else th["value"])
     return resolve_alarm(calibration, stored, alarm, hop_s=hop_s,
-                         window_s=float(manifest.get("window_s", 10.0)), machine_id=machine_id,
-                         normal_summary=manifest.get("normal_scores"))
+                         window_s=float(manifest.window_s), machine_id=machine_id,
+                         normal_summary=manifest.normal_scores)
 
 
 def source_alarm_lines(cfg) -> tuple[list[str], list[str]]:
