@@ -1,14 +1,15 @@
 """`harken monitor`: wires sources, ring buffers, the inference worker, alarms, evidence,
-publishers, metrics and systemd notification together; each concern it wires is its own unit
-(the scored-window route in monitor/daemon/route.py, source states and stats in
-monitor/daemon/stats.py).
+publishers, metrics and systemd notification together. Each concern it wires is its own unit:
+sinks and sources by kind (build.py), thresholds and rules (source_alarms.py), the scored-window
+route and event outputs (route.py), source states and stats (stats.py).
 
-Init order: publisher -> metrics -> event outputs -> models, alarms and worker -> evidence ->
-route -> sources -> stats. Start order: publisher -> metrics server -> event worker -> inference
-worker -> verdict listeners -> sources -> READY=1. Stop order is the reverse: STOPPING=1 ->
-sources -> drain the queue through the worker -> episodes -> event worker -> final stats ->
-verdict listeners -> publisher (`stopped`, flush). Every stage is a thread; the main thread only
-supervises (stats, watchdog, source states) and waits on one shutdown event.
+Init order (`init()`): publisher -> metrics -> event outputs -> models, alarms and worker ->
+evidence -> route -> sources -> stats. Start order: publisher -> metrics server -> event worker
+-> inference worker -> verdict listeners -> sources -> READY=1. Stop order is the reverse:
+STOPPING=1 -> sources -> drain the queue through the worker -> episodes -> event worker ->
+final stats -> publisher (`stopped`, flush); the verdict listeners alone stop late, after the
+drain and just before the publisher. Every stage is a thread; the main thread only supervises
+(stats, watchdog, source states) and waits on one shutdown event.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from monitor.daemon.alarm import AlarmStateMachine
+from monitor.daemon.build import build_publisher, build_source
 from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
 from monitor.daemon.event_worker import EventWorker
 from monitor.daemon.evidence import EvidenceStore
 from monitor.daemon.exposure import Exposure
-from monitor.daemon.build import build_publisher, build_source
 from monitor.daemon.inference import InferenceWorker, ScoredWindow, WindowQueue
 from monitor.daemon.metrics import DaemonMetrics
 from monitor.daemon.notify import SystemdNotifier
