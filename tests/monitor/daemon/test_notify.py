@@ -93,7 +93,7 @@ def test_no_watchdog_while_inference_is_dead(tmp_path, tiny_model):
     daemon = Daemon(cfg, notifier=SystemdNotifier({}))
     daemon.start()
     try:
-        daemon._started_mono -= 5.0  # silent for longer than watchdog_dead_s...
+        daemon.reporter.started_mono -= 5.0  # silent for longer than watchdog_dead_s...
         assert daemon.alive()  # ...but an idle watched folder is waiting, not dead
         shutil.rmtree(drop)  # the share is gone: the only source is dead
         wait_until(lambda: daemon.sources["f"].status()["state"] == "stalled", what="stalled")

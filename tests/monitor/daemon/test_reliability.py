@@ -333,7 +333,7 @@ def test_watchdog_starves_only_when_every_live_source_is_dead(tmp_path):
                     notifier=SystemdNotifier({}))
     daemon.start()
     try:
-        daemon._started_mono = time.monotonic() - 60.0  # both silent for a minute: idle, alive
+        daemon.reporter.started_mono = time.monotonic() - 60.0  # both silent for a minute: idle, alive
         assert daemon.alive()
         shutil.rmtree(a)
         wait_until(lambda: daemon.sources["a"].status()["state"] == "stalled", what="a missing")

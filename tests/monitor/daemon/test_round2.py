@@ -194,10 +194,7 @@ def test_inbox_drops_are_in_the_daemon_stats_and_the_inbox_is_bounded_in_bytes(t
     cfg = DaemonConfig(sources=(sc,), node="t", device="cpu", state_dir=str(tmp_path / "s"),
                        mqtt=MqttConfig())
     daemon = Daemon(cfg, publisher=Recorder(), detectors={"m": FakeDetector()}, sources={"q": src})
-    daemon.init_publisher()
-    daemon.init_metrics()
-    daemon.init_models()
-    daemon.init_sources()
+    daemon.init()  # every part built, nothing started
     per = daemon.stats()["sources"]["q"]
     assert per["dropped"] == 3 and per["input_dropped"] == 3  # it said 0 during a flood
 
