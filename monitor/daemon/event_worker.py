@@ -65,13 +65,17 @@ class EventWorker(threading.Thread):
             else:
                 self.evidence_submitted += 1
         job = EventJob(event, evidence)
+        self._put(job, lambda: self._run_job(job), stop)
+
+    def _put(self, job: EventJob, run_here: Callable[[], None],
+             stop: threading.Event | None) -> None:
         while True:
             try:
                 self._jobs.put(job, timeout=0.5)
                 return
             except queue.Full:
                 if stop is not None and stop.is_set() and not self.is_alive():
-                    self._run_job(job)  # the worker is gone: do it here rather than lose it
+                    run_here()  # the worker is gone: do it here rather than lose it
                     return
 
     def submit_file(self, write: Callable[[], None], *, what: str, alarm_id: str,
@@ -85,15 +89,7 @@ class EventWorker(threading.Thread):
                 self.evidence_failed += 1
                 self._log.exception("evidence_failed", what=what, alarm_id=alarm_id,
                                     error=str(exc)[:300])
-        job = EventJob(None, run)
-        while True:
-            try:
-                self._jobs.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                if stop is not None and stop.is_set() and not self.is_alive():
-                    run(None)
-                    return
+        self._put(EventJob(None, run), lambda: run(None), stop)
 
     def stop_when_drained(self, timeout_s: float = 30.0) -> None:
         if not self.is_alive():
