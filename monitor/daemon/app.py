@@ -22,7 +22,7 @@ from pathlib import Path
 
 from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.build import build_publisher, build_source
-from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
+from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_state_dir
 from monitor.daemon.event_worker import EventWorker
 from monitor.daemon.evidence import EvidenceStore
 from monitor.daemon.exposure import Exposure
@@ -210,16 +210,7 @@ class Daemon:
                           port=self.config.metrics.port)
         self.event_worker.start()
         self.worker.start()
-        mqtt_verdicts = self.config.mqtt is not None and self.config.mqtt.verdicts
-        if self.web_sink is not None or mqtt_verdicts:
-            from monitor.daemon.verdict_service import verdict_handler
-
-            # one handler for the page and MQTT (the reference store locks its own files)
-            on_verdict = verdict_handler(self.config, self.state_dir, self.worker, self.detectors)
-            if self.web_sink is not None:
-                self.start_web(on_verdict)
-            if mqtt_verdicts:
-                self.start_mqtt_verdicts(on_verdict)
+        self.start_verdicts()
         self.start_sources()
         self.reporter.started_mono = time.monotonic()
         self.notifier.ready()
@@ -247,29 +238,22 @@ class Daemon:
             self.publisher.stop()
             raise
 
-    def start_web(self, on_verdict) -> None:
-        from monitor.daemon.verdict_service import undo_handler
-        from monitor.daemon.web import WebServer, read_token
+    def start_verdicts(self) -> None:
+        """The operator's page and the MQTT verdict topics, when configured, with one handler
+        for both (the reference store locks its own files)."""
+        from monitor.daemon import verdict_service as verdicts
 
-        web = self.config.web
-        self.web = WebServer(self.web_sink, host=web.host, port=web.port,
-                             token=read_token(web.token_file), on_verdict=on_verdict,
-                             on_undo=undo_handler(self.config, self.state_dir))
-        self.web.start()
-
-    def start_mqtt_verdicts(self, on_verdict) -> None:
-        from monitor.daemon.mqtt_verdicts import MqttVerdictListener
-
-        def latest_event(source: str) -> str | None:
-            starts = [e.id for e in list(self.events) if e.source == source and e.type == "start"]
-            return starts[-1] if starts else None
-
-        assert self.config.mqtt is not None
-        self.mqtt_verdicts = MqttVerdictListener(
-            self.config.mqtt, node=self.node, source_ids=[s.id for s in self.config.sources],
-            password=resolve_mqtt_password(self.config.mqtt), latest_event=latest_event,
-            handle=on_verdict)
-        self.mqtt_verdicts.start()
+        mqtt_verdicts = self.config.mqtt is not None and self.config.mqtt.verdicts
+        if self.web_sink is None and not mqtt_verdicts:
+            return
+        on_verdict = verdicts.verdict_handler(self.config, self.state_dir, self.worker,
+                                              self.detectors)
+        if self.web_sink is not None:
+            self.web = verdicts.web_listener(self.config, self.state_dir, self.web_sink, on_verdict)
+            self.web.start()
+        if mqtt_verdicts:
+            self.mqtt_verdicts = verdicts.mqtt_listener(self.config, self.events, on_verdict)
+            self.mqtt_verdicts.start()
 
     def run(self) -> int:
         """Start, supervise until asked to stop or every source has ended, stop. Returns 0."""

@@ -1,11 +1,13 @@
 """Verdicts that reach the running daemon (the page, MQTT): checked, the clip embedded on the
 inference worker (it owns the models), then applied to the state directory like
-`harken verdict set`; the reference watcher loads the new overlay on its next poll."""
+`harken verdict set`; the reference watcher loads the new overlay on its next poll. Also the
+two listeners that carry them to the daemon, built here (not started): the page's server and
+the MQTT verdict topics."""
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from monitor.errors import UsageError
@@ -66,3 +68,28 @@ def undo_handler(cfg, state_dir: Path) -> Callable[[object], dict]:
                              f"of {source}: nothing to undo")
         return undo_verdict(state_dir, source, entry.verdict_id)
     return handle
+
+
+def web_listener(cfg, state_dir: Path, web_sink, on_verdict: Callable[[object], dict]):
+    """The operator's page (not started): verdicts and undo from the browser."""
+    from monitor.daemon.web import WebServer, read_token
+
+    web = cfg.web
+    return WebServer(web_sink, host=web.host, port=web.port, token=read_token(web.token_file),
+                     on_verdict=on_verdict, on_undo=undo_handler(cfg, state_dir))
+
+
+def mqtt_listener(cfg, events: Iterable, on_verdict: Callable[[object], dict]):
+    """The MQTT verdict topics (not started); `events` are the daemon's recent alarm events,
+    for a verdict about `"event_id": "latest"` (the source's latest alarm start)."""
+    from monitor.daemon.config import resolve_mqtt_password
+    from monitor.daemon.mqtt_verdicts import MqttVerdictListener  # paho only when configured
+
+    def latest_event(source: str) -> str | None:
+        starts = [e.id for e in list(events) if e.source == source and e.type == "start"]
+        return starts[-1] if starts else None
+
+    assert cfg.mqtt is not None
+    return MqttVerdictListener(cfg.mqtt, node=cfg.node, source_ids=[s.id for s in cfg.sources],
+                               password=resolve_mqtt_password(cfg.mqtt),
+                               latest_event=latest_event, handle=on_verdict)
