@@ -5,10 +5,10 @@ route and event outputs (route.py), source states and stats (stats.py).
 
 Init order (`init()`): publisher -> metrics -> event outputs -> models, alarms and worker ->
 evidence -> route -> sources -> stats. Start order: publisher -> metrics server -> event worker
--> inference worker -> verdict listeners -> sources -> READY=1. Stop order is the reverse:
-STOPPING=1 -> sources -> drain the queue through the worker -> episodes -> event worker ->
-final stats -> publisher (`stopped`, flush); the verdict listeners alone stop late, after the
-drain and just before the publisher. Every stage is a thread; the main thread only supervises
+-> inference worker -> verdict listeners -> sources -> READY=1. Stop order is its exact reverse:
+STOPPING=1 -> sources -> verdict listeners (a verdict sent during shutdown is refused, never
+half applied) -> drain the queue through the worker -> episodes -> event worker -> final stats
+-> metrics server -> publisher (`stopped`, flush). Every stage is a thread; the main thread only supervises
 (stats, watchdog, source states) and waits on one shutdown event.
 """
 
@@ -293,6 +293,10 @@ class Daemon:
         self.log.info("daemon_stopping")
         for sid, source in reversed(list(self.sources.items())):
             source.stop()
+        if self.mqtt_verdicts is not None:
+            self.mqtt_verdicts.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.worker is not None and self.worker.ident is not None:
             self.worker.stop_when_drained()  # queued windows are still scored and published
             self.worker.join()
@@ -303,10 +307,8 @@ class Daemon:
         if self.reporter is not None:
             self.reporter.update_source_states(final=True)
             self.reporter.publish_stats()
-        if self.web is not None:
-            self.web.stop()
-        if self.mqtt_verdicts is not None:
-            self.mqtt_verdicts.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.publisher is not None:
             self.publisher.stop()
         self.log.info("daemon_stopped", scored=self.worker.scored if self.worker else 0,

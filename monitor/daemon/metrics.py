@@ -41,7 +41,15 @@ class DaemonMetrics:
         self._dropped_seen: dict[str, int] = {}
 
     def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop(self) -> None:
+        """Close the scrape endpoint (a no-op when it was never served)."""
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            self._server = None
 
     def dropped(self, by_source: dict[str, int]) -> None:
         for source, total in by_source.items():

@@ -172,3 +172,21 @@ def test_jsonl_sink_writes_one_object_per_line_with_a_kind(tmp_path):
     assert rows[1]["score"] == 2.5 and rows[1]["file"] == "f.wav" and rows[1]["anomaly"] is True
     assert rows[2]["id"] == "n1-s-10000" and rows[3]["state"] == "ON"
     assert all(r["node"] == "n1" for r in rows) and rows[-1]["status"] == "stopped"
+
+
+def test_the_metrics_endpoint_closes_when_the_daemon_stops_it():
+    import socket
+    import urllib.request
+
+    from monitor.daemon.metrics import DaemonMetrics
+    from tests.mosquitto import free_port
+
+    port = free_port()
+    m = DaemonMetrics()
+    m.serve("127.0.0.1", port)
+    assert b"harken_mqtt_connected" in urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    m.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+    m.stop()  # twice is harmless
