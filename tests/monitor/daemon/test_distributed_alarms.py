@@ -162,7 +162,8 @@ def distributed(tmp: Path, models_dir: Path, sources: list[dict], *, capture_ala
         coll = Collector(broker, ("harken/+/+/event", "harken/+/status", "harken/+/stats"))
         try:
             for name, role in (("alarms", "alarms"), ("w1", "worker")):
-                cfg = role_config(tmp, name, broker, role, models_dir, alarm=own_alarm)
+                cfg = role_config(tmp, name, broker, role, models_dir, alarm=own_alarm,
+                                  stats_interval_s=0.5)
                 procs[name] = start(cfg, tmp / f"{name}.log")
             for name in ("alarms", "w1"):
                 coll.wait_for(f"harken/{name}/status", b"online", timeout_s=120)
@@ -170,20 +171,23 @@ def distributed(tmp: Path, models_dir: Path, sources: list[dict], *, capture_ala
                                   alarm=capture_alarm)
             procs["capture"] = start(capture, tmp / "capture.log")
             assert procs["capture"].wait(timeout=120) == 0, (tmp / "capture.log").read_text()[-3000:]
-            procs["w1"].send_signal(signal.SIGTERM)
-            assert procs["w1"].wait(timeout=60) == 0
-            procs["alarms"].send_signal(signal.SIGTERM)  # it applies what it has, then stops
-            assert procs["alarms"].wait(timeout=60) == 0
-            stats = json.loads(coll.wait_for("harken/alarms/stats"))
-            assert stats["scores_applied"] == 4 * len(sources), stats
-            assert stats["scores_rejected"] == 0 and stats["windows_missing"] == 0
+
+            def stats() -> dict:
+                last = coll.last("harken/alarms/stats")
+                return json.loads(last) if last else {}
+            wait_until(lambda: stats().get("scores_applied") == 4 * len(sources), 120,
+                       "every score applied")
+            assert stats()["scores_rejected"] == 0 and stats()["windows_missing"] == 0
             return {event_key(json.loads(p)) for t in list(coll.messages)
                     if t.endswith("/event") for p in coll.payloads(t)}
         finally:
             for p in procs.values():
-                if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+            for p in procs.values():
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
                     p.kill()
-                    p.wait()
             coll.close()
 
 
