@@ -1,13 +1,15 @@
 """`role: alarms`: the one alarm stage. Subscribes to every worker's scores
 (`<prefix>/+/+/score`, QoS 1, persistent session, manual acks), restores each source's order
 in a small bounded reorder window, drops duplicates by (source, seq), runs each source's rule
-(the same `resolve_alarm` + AlarmStateMachine as the single-box daemon) and publishes alarm
+(the same `resolve_alarm` + AlarmStateMachine as the single-box daemon, at the alarm settings
+the window carried from its capture box; the stage's own `alarm:` for messages without them;
+equal settings share one resolution) and publishes alarm
 states and events on the same topics, through the same durable outbox (MqttPublisher).
 
 Per score the work is O(1): a dict lookup of the source's track, at most `reorder_window`
 held-back scores per source, no thread or timer per source (a sweep over the sources that
 wait for a missing window). A score is acknowledged only once it has been applied and the
-source's state (sequence position, alarm state machine) is committed to
+source's state (sequence position, alarm settings, alarm state machine) is committed to
 `<state_dir>/alarm_stage.sqlite`: a killed alarm stage restarts from that state, the broker
 hands back what it had not acknowledged, and the already-applied ones are dropped as duplicates,
 so its alarms are the same as if it had not been killed.

@@ -1,8 +1,9 @@
 """`role: worker`: one member of the scoring pool. Joins the MQTT 5 shared subscription
 `$share/<group>/<prefix>/+/+/window`, scores each window with the model it names
 (`<distributed.models_dir>/<name>`, loaded once and cached), publishes the score with the
-window's identity on `<prefix>/<node>/<source>/score` (QoS 1) and only once the broker has
-that score acknowledges the window (paho 2 manual acks). A worker killed mid-window leaves the
+window's identity and alarm settings on `<prefix>/<node>/<source>/score` (QoS 1; its
+`threshold` is the per-window threshold at the window's settings, else the worker's own
+`alarm:`) and only once the broker has that score acknowledges the window (paho 2 manual acks). A worker killed mid-window leaves the
 window unacknowledged in its persistent session; the broker hands it out again (README in
 docs/scaling.md says to whom), and the alarm stage drops the duplicate score by (source, seq).
 
