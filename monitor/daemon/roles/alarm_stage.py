@@ -391,7 +391,8 @@ class AlarmStageRole:
                 why = "source does not match the topic"
             if why is not None:
                 self.rejected += 1
-                self._warn("score_rejected", why, topic=topic[:200], reason=why)
+                # keyed by the kind of problem, not the carried value: one warning a minute
+                self._warn("score_rejected", why.split(":")[0][:40], topic=topic[:200], reason=why)
                 done.append(item)
                 continue
             done += self.stage.offer(levels[-3], msg, item)
