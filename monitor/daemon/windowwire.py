@@ -1,19 +1,30 @@
-"""The window message of the distributed roles (issue 17): one complete window as WAV bytes,
-its identity in MQTT 5 user properties, so a worker needs nothing else to score it."""
+"""The window message of the distributed roles (issue 17): one complete window as WAV bytes
+(its sample rate and length: the window), its identity and settings in MQTT 5 user properties,
+so a worker needs nothing else to score it and the alarm stage nothing else to judge it: `hop_s`
+and `alarm`, the source's effective alarm settings (its `alarm:` override merged over the capture
+box's) as one canonical JSON object. A message without `alarm` (an older capture box) means
+"the alarm stage's own `alarm:` settings"."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
+if TYPE_CHECKING:  # config.py imports this module (through roles/settings.py)
+    from monitor.daemon.config import AlarmConfig
+
 SAMPLE_RATE_HZ = 16000
 MAX_WINDOW_S = 600.0
 MAX_LABEL_CHARS = 300
+MAX_ALARM_CHARS = 1000
 # A model name is one directory under the worker's models directory: no separators, no "..".
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SOURCE_NAME = re.compile(r"^[^/#+\x00]{1,200}$")
@@ -33,6 +44,7 @@ class WireWindow:
     machine_id: int | None = None
     hop_s: float | None = None  # the source's hop: the alarm threshold depends on it
     label: str | None = None  # the file a folder source read it from
+    alarm: AlarmConfig | None = None  # None: the alarm stage's own settings
 
     @property
     def duration_s(self) -> float:
@@ -48,6 +60,43 @@ def valid_model_name(name: str) -> bool:
     return bool(_MODEL_NAME.match(name)) and ".." not in name
 
 
+def alarm_to_json(alarm: AlarmConfig) -> str:
+    """Canonical text: equal settings give equal text, so they share one resolved rule."""
+    return json.dumps(dataclasses.asdict(alarm), sort_keys=True, separators=(",", ":"))
+
+
+def alarm_from_json(text: str) -> AlarmConfig:
+    """Raise WireError (one line) for settings a capture box's config loader would refuse."""
+    from monitor.daemon.config import AlarmConfig, _alarm_problems
+
+    if not isinstance(text, str) or len(text) > MAX_ALARM_CHARS:
+        raise WireError(f"alarm settings must be a JSON object of at most {MAX_ALARM_CHARS} chars")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise WireError(f"alarm settings are not JSON: {text[:60]!r}") from None
+    if not isinstance(data, dict):
+        raise WireError("alarm settings must be a JSON object")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(AlarmConfig)})
+    if unknown:
+        raise WireError(f"alarm settings: unknown key {unknown[0][:40]!r}")
+    for key, value in data.items():
+        if key == "rule":
+            ok = isinstance(value, str)
+        elif key in ("k", "n"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value)) or (key == "threshold" and value is None)
+        if not ok:
+            raise WireError(f"alarm settings: bad {key} {str(value)[:40]!r}")
+    alarm = AlarmConfig(**data)
+    problems = _alarm_problems(alarm, "alarm")
+    if problems:
+        raise WireError(f"alarm settings: {problems[0]}")
+    return alarm
+
+
 def encode(window: WireWindow) -> tuple[bytes, list[tuple[str, str]]]:
     """-> (payload, user properties) for one QoS 1 publish."""
     buf = io.BytesIO()
@@ -61,6 +110,8 @@ def encode(window: WireWindow) -> tuple[bytes, list[tuple[str, str]]]:
         props.append(("hop_s", repr(float(window.hop_s))))
     if window.label is not None:
         props.append(("label", window.label[:MAX_LABEL_CHARS]))
+    if window.alarm is not None:
+        props.append(("alarm", alarm_to_json(window.alarm)))
     return buf.getvalue(), props
 
 
@@ -86,6 +137,7 @@ def decode(payload: bytes, props: list[tuple[str, str]]) -> WireWindow:
         raise WireError(f"bad seq/window_start ({seq}, {start})")
     if hop_s is not None and not (math.isfinite(hop_s) and 0 < hop_s <= MAX_WINDOW_S):
         raise WireError(f"bad hop_s {hop_s}")
+    alarm = alarm_from_json(p["alarm"]) if "alarm" in p else None
     try:
         samples, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -97,5 +149,5 @@ def decode(payload: bytes, props: list[tuple[str, str]]) -> WireWindow:
     if not np.all(np.isfinite(samples)):
         raise WireError("samples are not finite")
     return WireWindow(source=source, model=model, seq=seq, start_time_s=start, samples=samples,
-                      machine_id=machine_id, hop_s=hop_s,
+                      machine_id=machine_id, hop_s=hop_s, alarm=alarm,
                       label=p["label"][:MAX_LABEL_CHARS] if "label" in p else None)

@@ -3,8 +3,9 @@ scores them from an MQTT 5 shared subscription, `alarms` turns everyone's scores
 `all` (the default) is the single-box daemon in monitor/daemon/app.py.
 
 Topics, under `<prefix>/<node>/<source>/` where node is the capture box's node:
-  window   QoS 1  one window (monitor/daemon/windowwire.py), capture -> `$share/<group>/...`
-  score    QoS 1  Score.to_json() plus seq, hop_s, machine_id, model_key, worker
+  window   QoS 1  one window with its hop and alarm settings (monitor/daemon/windowwire.py),
+                  capture -> `$share/<group>/...`
+  score    QoS 1  Score.to_json() plus seq, hop_s, machine_id, model_key, worker, alarm
   alarm    retained ON | OFF, and event: as the single-box daemon, from the alarm stage
 """
 

@@ -1,13 +1,15 @@
 """`role: alarms`: the one alarm stage. Subscribes to every worker's scores
 (`<prefix>/+/+/score`, QoS 1, persistent session, manual acks), restores each source's order
 in a small bounded reorder window, drops duplicates by (source, seq), runs each source's rule
-(the same `resolve_alarm` + AlarmStateMachine as the single-box daemon) and publishes alarm
+(the same `resolve_alarm` + AlarmStateMachine as the single-box daemon, at the alarm settings
+the window carried from its capture box; the stage's own `alarm:` for messages without them;
+equal settings share one resolution) and publishes alarm
 states and events on the same topics, through the same durable outbox (MqttPublisher).
 
 Per score the work is O(1): a dict lookup of the source's track, at most `reorder_window`
 held-back scores per source, no thread or timer per source (a sweep over the sources that
 wait for a missing window). A score is acknowledged only once it has been applied and the
-source's state (sequence position, alarm state machine) is committed to
+source's state (sequence position, alarm settings, alarm state machine) is committed to
 `<state_dir>/alarm_stage.sqlite`: a killed alarm stage restarts from that state, the broker
 hands back what it had not acknowledged, and the already-applied ones are dropped as duplicates,
 so its alarms are the same as if it had not been killed.
@@ -16,6 +18,7 @@ so its alarms are the same as if it had not been killed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -23,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from monitor.daemon import windowwire
 from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import AlarmConfig, DaemonConfig, resolve_mqtt_password, resolve_state_dir
 from monitor.daemon.mqtt_publisher import MqttPublisher
@@ -36,7 +40,8 @@ from monitor.logs import get_logger
 
 INBOX_TAKE_MAX = 5000  # scores handled (and checkpointed) per round
 
-RuleKey = tuple  # (model_key, hop_s, machine_id)
+# (model_key, hop_s, machine_id, alarm settings as canonical JSON or None: the stage's own)
+RuleKey = tuple
 
 
 class SourceTrack:
@@ -63,6 +68,7 @@ class AlarmStage:
         self.alarm = alarm
         self._resolve_fn = resolve
         self._resolved: dict[RuleKey, object | None] = {}
+        self._settings: dict[str | None, AlarmConfig] = {None: alarm}
         self.emit = emit
         self.reorder_window = reorder_window
         self.reorder_timeout_s = reorder_timeout_s
@@ -82,9 +88,15 @@ class AlarmStage:
             self._resolved[key] = self._resolve_fn(key)
         return self._resolved[key]
 
+    def settings(self, text: str | None) -> AlarmConfig:
+        """Carried alarm settings (already checked by check_message), parsed once per text."""
+        if text not in self._settings:
+            self._settings[text] = windowwire.alarm_from_json(text)
+        return self._settings[text]
+
     def _new_track(self, node: str, source: str, rule_key: RuleKey) -> SourceTrack:
         r = self.resolved(rule_key)
-        a = self.alarm
+        a = self.settings(rule_key[3])
         machine = AlarmStateMachine(node, source, k=a.k, n=a.n, hold_s=a.hold_s,
                                     rule=r.build_rule() if r is not None else None)
         return SourceTrack(node, source, machine, rule_key)
@@ -93,7 +105,7 @@ class AlarmStage:
     def rule_key(msg: dict) -> RuleKey:
         mid = msg.get("machine_id")
         return (str(msg.get("model_key") or msg.get("model")), float(msg["hop_s"]),
-                None if mid is None else int(mid))
+                None if mid is None else int(mid), msg.get("alarm"))
 
     # ---------------------------------------------------------------- scores
 
@@ -103,6 +115,8 @@ class AlarmStage:
         track = self.tracks.get(key)
         if track is None:
             track = self.tracks[key] = self._new_track(node, msg["source"], self.rule_key(msg))
+        elif msg.get("alarm") != track.rule_key[3]:  # the capture box's settings changed
+            self._rekey(track, self.rule_key(msg))
         seq = int(msg["seq"])
         if (track.next_seq is not None and seq < track.next_seq) or seq in track.pending:
             self.duplicates += 1
@@ -165,6 +179,11 @@ class AlarmStage:
         for event in track.machine.update(score):
             self.emit(key, event)
 
+    def _rekey(self, track: SourceTrack, rule_key: RuleKey) -> None:
+        """A source's new settings: a new alarm machine, as a restarted single box would build."""
+        fresh = self._new_track(track.node, track.source, rule_key)
+        track.machine, track.rule_key = fresh.machine, rule_key
+
     # ---------------------------------------------------------------- checkpoint
 
     def track_state(self, key) -> dict:
@@ -172,9 +191,10 @@ class AlarmStage:
         return {"next_seq": t.next_seq, "rule_key": list(t.rule_key), "machine": t.machine.snapshot()}
 
     def restore_track(self, node: str, source: str, state: dict) -> None:
-        rk = state["rule_key"]
+        rk = state["rule_key"]  # a checkpoint from before carried settings has three parts
         track = self._new_track(node, source, (str(rk[0]), float(rk[1]),
-                                               None if rk[2] is None else int(rk[2])))
+                                               None if rk[2] is None else int(rk[2]),
+                                               rk[3] if len(rk) > 3 else None))
         track.next_seq = state["next_seq"]
         track.machine.restore(state["machine"])
         self.tracks[(node, source)] = track
@@ -196,6 +216,19 @@ def check_message(msg) -> str | None:
             return f"{key} must be a number"
     if msg["score"] is not None and not isinstance(msg["score"], (int, float)):
         return "score must be a number or null"
+    if msg.get("alarm") is not None:
+        return _alarm_problem(msg["alarm"]) if isinstance(msg["alarm"], str) else \
+            "alarm must be a string of JSON"
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _alarm_problem(text: str) -> str | None:
+    """Sources repeat their settings in every score: each distinct text is checked once."""
+    try:
+        windowwire.alarm_from_json(text)
+    except windowwire.WireError as exc:
+        return str(exc)
     return None
 
 
@@ -242,15 +275,16 @@ class StagePublisher(MqttPublisher):
 
 
 def resolver_from_models(models_dir: Path, alarm: AlarmConfig, log):
-    """(model_key, hop_s, machine_id) -> ResolvedAlarm from the artifact's manifest and tensors
-    (no encoder is built); None, warned once, when the model is not there."""
+    """RuleKey -> ResolvedAlarm from the artifact's manifest and tensors (no encoder is built),
+    at the key's carried alarm settings, else `alarm`; None, warned once, when the model is not
+    there."""
     from monitor.artifact import load_artifact
     from monitor.daemon.thresholds import resolve_for_manifest
 
     artifacts: dict[str, object] = {}
 
     def resolve(key: RuleKey):
-        model, hop_s, machine_id = key
+        model, hop_s, machine_id, text = key
         if model not in artifacts:
             try:
                 artifacts[model] = load_artifact(models_dir / model)
@@ -262,8 +296,10 @@ def resolver_from_models(models_dir: Path, alarm: AlarmConfig, log):
         if art is None:
             return None
         r = resolve_for_manifest(art.manifest, art.tensors, models_dir / model / "manifest.json",
-                                 alarm, hop_s=hop_s, machine_id=machine_id)
-        log.info("alarm_threshold", model=model, hop_s=hop_s, machine_id=machine_id, **r.to_json())
+                                 alarm if text is None else windowwire.alarm_from_json(text),
+                                 hop_s=hop_s, machine_id=machine_id)
+        log.info("alarm_threshold", model=model, hop_s=hop_s, machine_id=machine_id,
+                 settings="carried" if text is not None else "own", **r.to_json())
         return r
     return resolve
 
@@ -355,7 +391,8 @@ class AlarmStageRole:
                 why = "source does not match the topic"
             if why is not None:
                 self.rejected += 1
-                self._warn("score_rejected", why, topic=topic[:200], reason=why)
+                # keyed by the kind of problem, not the carried value: one warning a minute
+                self._warn("score_rejected", why.split(":")[0][:40], topic=topic[:200], reason=why)
                 done.append(item)
                 continue
             done += self.stage.offer(levels[-3], msg, item)

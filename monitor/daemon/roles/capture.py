@@ -189,7 +189,7 @@ class CaptureRole:
         wire = windowwire.WireWindow(source=w.source, model=Path(s.model).name,
                                      seq=self.seq.take(w.source), start_time_s=w.start_time_s,
                                      samples=w.samples, machine_id=w.machine_id, hop_s=s.hop_s,
-                                     label=w.label)
+                                     label=w.label, alarm=s.alarm or self.cfg.alarm)
         payload, props = windowwire.encode(wire)
         return f"{self.prefix}/{self.node}/{w.source}/window", payload, props
 

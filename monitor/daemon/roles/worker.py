@@ -1,8 +1,9 @@
 """`role: worker`: one member of the scoring pool. Joins the MQTT 5 shared subscription
 `$share/<group>/<prefix>/+/+/window`, scores each window with the model it names
 (`<distributed.models_dir>/<name>`, loaded once and cached), publishes the score with the
-window's identity on `<prefix>/<node>/<source>/score` (QoS 1) and only once the broker has
-that score acknowledges the window (paho 2 manual acks). A worker killed mid-window leaves the
+window's identity and alarm settings on `<prefix>/<node>/<source>/score` (QoS 1; its
+`threshold` is the per-window threshold at the window's settings, else the worker's own
+`alarm:`) and only once the broker has that score acknowledges the window (paho 2 manual acks). A worker killed mid-window leaves the
 window unacknowledged in its persistent session; the broker hands it out again (README in
 docs/scaling.md says to whom), and the alarm stage drops the duplicate score by (source, seq).
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from monitor.daemon import windowwire
-from monitor.daemon.config import DaemonConfig
+from monitor.daemon.config import AlarmConfig, DaemonConfig
 from monitor.daemon.notify import SystemdNotifier
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.roles.session import RoleConnection
@@ -195,15 +196,18 @@ class WorkerRole:
         self.log.info("model_loaded", model=name, name=det.name)
         return det
 
-    def _threshold(self, model: str, det, hop_s: float, machine_id: int | None) -> float:
-        """The per-window threshold the single-box daemon would publish (thresholds.py)."""
-        key = (model, hop_s, machine_id)
+    def _threshold(self, model: str, det, hop_s: float, machine_id: int | None,
+                   alarm: AlarmConfig | None) -> float:
+        """The per-window threshold the single-box daemon would publish (thresholds.py), at the
+        window's carried alarm settings (else this worker's own)."""
+        alarm = alarm or self.cfg.alarm
+        key = (model, hop_s, machine_id, alarm)
         if key not in self._thresholds:
             from monitor.daemon.thresholds import resolve_for_detector
 
             try:
                 self._thresholds[key] = resolve_for_detector(
-                    det, self.cfg.alarm, hop_s=hop_s, machine_id=machine_id).window_threshold
+                    det, alarm, hop_s=hop_s, machine_id=machine_id).window_threshold
             except UsageError:
                 self._thresholds[key] = float(det.threshold_for(machine_id))
         return self._thresholds[key]
@@ -224,7 +228,7 @@ class WorkerRole:
             hop_s = w.hop_s if w.hop_s is not None else w.duration_s
             value = float(s)
             score = Score(source=w.source, model=det.name, score=value,
-                          threshold=self._threshold(model, det, hop_s, w.machine_id),
+                          threshold=self._threshold(model, det, hop_s, w.machine_id, w.alarm),
                           window_start_s=w.start_time_s, window_end_s=w.start_time_s + w.duration_s,
                           ready_mono_s=0.0, scored_time_s=now, label=w.label)
             payload = score.to_json()
@@ -232,6 +236,8 @@ class WorkerRole:
                 payload["score"], payload["anomaly"] = None, False  # not JSON; the alarm stage skips it
             payload.update(seq=w.seq, hop_s=hop_s, machine_id=w.machine_id, model_key=model,
                            worker=self.name)
+            if w.alarm is not None:  # the alarm stage judges the source by the same settings
+                payload["alarm"] = windowwire.alarm_to_json(w.alarm)
             node = item.topic.split("/")[-3]
             infos.append(self.conn.client.publish(f"{self.prefix}/{node}/{w.source}/score",
                                                   json.dumps(payload), qos=1))
