@@ -180,9 +180,15 @@ class AlarmStage:
             self.emit(key, event)
 
     def _rekey(self, track: SourceTrack, rule_key: RuleKey) -> None:
-        """A source's new settings: a new alarm machine, as a restarted single box would build."""
-        fresh = self._new_track(track.node, track.source, rule_key)
-        track.machine, track.rule_key = fresh.machine, rule_key
+        """A source's new settings: a new rule, as a restarted single box would build. An alarm
+        that is on stays on under the new rule and ends by its hold, so its retained ON is
+        always followed by an OFF."""
+        old = track.machine
+        fresh = self._new_track(track.node, track.source, rule_key).machine
+        state = old.snapshot()
+        state["rule"] = fresh.rule.snapshot()
+        fresh.restore(state)
+        track.machine, track.rule_key = fresh, rule_key
 
     # ---------------------------------------------------------------- checkpoint
 

@@ -104,6 +104,20 @@ def test_sources_with_different_settings_get_different_rules_equal_ones_share_on
     assert starts["c"] == ["f6.wav"]  # the stage's own 3 of 3
 
 
+def test_an_alarm_on_when_the_settings_change_still_ends():
+    """The capture box restarts with other settings mid-alarm: the track's new rule takes over,
+    the alarm stays the same alarm and ends by the hold, so the retained ON gets its OFF."""
+    events: list = []
+    stage = _stage([], events)
+    msgs = _msgs("a", QUICK)
+    slow = ww.alarm_to_json(AlarmConfig(k=2, n=3, hold_s=20.0))
+    for i, m in enumerate(msgs):
+        stage.offer("box1", m if i < 5 else m | {"alarm": slow}, None)
+    kinds = [e[1] for e in events if e[1] != "update"]
+    assert kinds[-2:] == ["start", "end"] and kinds.count("start") == kinds.count("end")
+    assert stage.tracks[("box1", "a")].rule_key[3] == slow
+
+
 def test_a_restarted_alarm_stage_keeps_each_tracks_carried_settings(tmp_path):
     msgs = _msgs("a", QUICK)
     uninterrupted: list = []
