@@ -37,7 +37,7 @@ from monitor.daemon.roles.capture_evidence import CaptureEvidence, RecentWindows
 from monitor.daemon.roles.session import RoleConnection
 from monitor.daemon.sensor import SensorFaultMonitor
 from monitor.daemon.roles.window_outbox import WindowOutbox
-from monitor.daemon.types import AudioBlock, Source, Window
+from monitor.daemon.types import AlarmEvent, AudioBlock, Source, Window
 from monitor.logs import get_logger
 
 IN_CLIENT_MAX = 64  # windows handed to paho at once: the rest wait on disk, not in memory
@@ -321,7 +321,7 @@ class CaptureRole:
     def _publish_state(self, sid: str, state: str) -> None:
         self.publisher.publish_source_state(sid, state)  # re-sent by it on every connect
 
-    def _emit(self, event) -> None:
+    def _emit(self, event: AlarmEvent) -> None:
         """On the event worker: a sensor-fault event, published and logged as the single box
         does (monitor/daemon/route.py's EventOutput)."""
         self.publisher.publish_event(event)
