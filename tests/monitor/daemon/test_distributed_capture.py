@@ -43,8 +43,9 @@ def fault_keys(events: list[dict]) -> set[tuple]:
     """Sensor-fault events with times relative to the first (a run's clock starts at its start):
     an id is `<node>-<source>-<kind>-<ms of its window>`."""
     t0 = min(e["detail"]["window_start"] for e in events)
+    t0_ms = min(int(e["id"].rsplit("-", 1)[1]) for e in events)  # ids truncate, times round
     return {(e["type"], e["id"].rsplit("-", 1)[0],
-             int(e["id"].rsplit("-", 1)[1]) - round(t0 * 1000), e["source"], e["seq"],
+             round((int(e["id"].rsplit("-", 1)[1]) - t0_ms) / 1000, 1), e["source"], e["seq"],
              json.dumps(e["detail"] | {"window_start": round(e["detail"]["window_start"] - t0, 3)},
                         sort_keys=True)) for e in events}
 
