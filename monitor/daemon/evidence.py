@@ -33,6 +33,13 @@ def evidence_stem(alarm_id: str) -> str:
     return stem
 
 
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """16-bit WAV of the samples, encoded in memory: a full disk is then an OSError with errno."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), SAMPLE_RATE_HZ, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 class EvidenceStore:
     def __init__(self, root: str | Path, *, max_count: int = 200, max_bytes: int = 500_000_000):
         self.root = Path(root)
@@ -58,10 +65,7 @@ class EvidenceStore:
         tmp_clip = self.root / f".{stem}.tmp.wav"
         tmp_image = self.root / f".{stem}.tmp.png"
         try:
-            buf = io.BytesIO()  # encoded in memory: a full disk is then an OSError with errno
-            sf.write(buf, np.clip(window, -1.0, 1.0), SAMPLE_RATE_HZ, format="WAV",
-                     subtype="PCM_16")
-            tmp_clip.write_bytes(buf.getvalue())
+            tmp_clip.write_bytes(wav_bytes(window))
             save_evidence_png(tmp_image, log_mel, error_map=error_map, title=title)
             os.replace(tmp_clip, clip)
             os.replace(tmp_image, image)
@@ -79,18 +83,30 @@ class EvidenceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         stem = evidence_stem(alarm_id)
         out = self.root / f"{stem}{EPISODE_SUFFIX}"
-        tmp = self.root / f".{stem}.tmp.event.wav"
+        self._write_wav(out, self.root / f".{stem}.tmp.event.wav", np.concatenate(windows))
+        return str(out)
+
+    def save_clip(self, alarm_id: str, window: np.ndarray) -> str:
+        """Write `<alarm_id>.wav` alone: where the audio is but the model is not (the capture
+        box of a distributed deployment, monitor/daemon/roles/capture_evidence.py), so there is
+        no picture. A clip already saved for this alarm id is kept, as in `save`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        stem = evidence_stem(alarm_id)
+        clip = self.root / f"{stem}.wav"
+        if clip.is_file():
+            self._log.info("evidence_exists", alarm_id=alarm_id, clip=str(clip))
+            return str(clip)
+        self._write_wav(clip, self.root / f".{stem}.tmp.wav", window)
+        return str(clip)
+
+    def _write_wav(self, out: Path, tmp: Path, samples: np.ndarray) -> None:
         try:
-            buf = io.BytesIO()
-            sf.write(buf, np.clip(np.concatenate(windows), -1.0, 1.0), SAMPLE_RATE_HZ,
-                     format="WAV", subtype="PCM_16")
-            tmp.write_bytes(buf.getvalue())
+            tmp.write_bytes(wav_bytes(samples))
             os.replace(tmp, out)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         self.enforce_retention()
-        return str(out)
 
     def enforce_retention(self) -> None:
         """Remove the oldest evidence sets until both limits hold."""

@@ -191,6 +191,11 @@ class MqttPublisher:
         self._enqueue("event", self.topic(event.source, "event"),
                       json.dumps(event.to_json()).encode(), retain=False)
 
+    def publish_evidence(self, source: str, reference: dict) -> None:
+        """An alarm's evidence saved after its event went out (the capture box's clips)."""
+        self._enqueue("event", self.topic(source, "evidence"), json.dumps(reference).encode(),
+                      retain=False)
+
     def publish_source_state(self, source: str, state: str) -> None:
         if state not in SOURCE_STATES:
             # Still published: a dashboard seeing an odd state beats a daemon dying on it.

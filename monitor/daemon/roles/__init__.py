@@ -7,6 +7,10 @@ Topics, under `<prefix>/<node>/<source>/` where node is the capture box's node:
                   capture -> `$share/<group>/...`
   score    QoS 1  Score.to_json() plus seq, hop_s, machine_id, model_key, worker, alarm
   alarm    retained ON | OFF, and event: as the single-box daemon, from the alarm stage
+  event    type sensor_fault, and state (retained): from the capture box, as the single box
+  evidence QoS 1  {"id", "source", "window_start", "clip", "image": null}: the capture box's
+           clip of an alarm start it saw on `event` (roles/capture_evidence.py)
+Home Assistant discovery (mqtt.discovery) comes from the capture box, which knows its sources.
 """
 
 ROLES = ("all", "capture", "worker", "alarms")

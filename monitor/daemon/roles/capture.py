@@ -2,13 +2,21 @@
 window message (monitor/daemon/windowwire.py) at QoS 1 on `<prefix>/<node>/<source>/window`
 through a durable outbox (window_outbox.py). Nothing is scored here.
 
+What needs the audio or the list of sources is done here too, as the single box does it, through
+a second client, an MqttPublisher with its own durable outbox (it owns `<prefix>/<node>/status`):
+source states, sensor-fault events (`sensor_faults: true`, monitor/daemon/sensor.py) on
+`<prefix>/<node>/<source>/event`, Home Assistant discovery (`mqtt.discovery`), and evidence
+clips of the alarm stage's alarm starts (capture_evidence.py).
+
 Threads: the sources (as in the single-box daemon) cut windows into one bounded queue; one
 sender thread writes them to the outbox and hands at most IN_CLIENT_MAX of them at a time to
-paho; paho's thread removes a row on its PUBACK. The main thread supervises.
+paho; paho's thread removes a row on its PUBACK. Sensor-fault events and evidence clips go out
+on one event worker (monitor/daemon/event_worker.py). The main thread supervises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -18,13 +26,18 @@ from pathlib import Path
 
 from monitor.daemon import windowwire
 from monitor.daemon.config import DaemonConfig, SourceConfig, resolve_mqtt_password, resolve_state_dir
+from monitor.daemon.event_worker import EventWorker
+from monitor.daemon.evidence import EvidenceStore
+from monitor.daemon.mqtt_publisher import MqttPublisher
 from monitor.daemon.notify import SystemdNotifier
 from monitor.daemon.outbox import PubackTracker
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.ringbuffer import RingBuffer
+from monitor.daemon.roles.capture_evidence import CaptureEvidence, RecentWindows
 from monitor.daemon.roles.session import RoleConnection
+from monitor.daemon.sensor import SensorFaultMonitor
 from monitor.daemon.roles.window_outbox import WindowOutbox
-from monitor.daemon.types import AudioBlock, Source, Window
+from monitor.daemon.types import AlarmEvent, AudioBlock, Source, Window
 from monitor.logs import get_logger
 
 IN_CLIENT_MAX = 64  # windows handed to paho at once: the rest wait on disk, not in memory
@@ -88,11 +101,30 @@ class CaptureRole:
         self.state_dir = resolve_state_dir(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.source_configs = {s.id: s for s in cfg.sources}
-        self.conn = RoleConnection(cfg, client_id=cfg.mqtt.client_id or f"harken-capture-{cfg.node}",
-                                   persistent=False, on_connected=self._on_connected,
-                                   stage="capture")
+        base_id = cfg.mqtt.client_id or f"harken-capture-{cfg.node}"
+        self.conn = RoleConnection(cfg, client_id=base_id, persistent=False,
+                                   on_connected=self._on_connected, stage="capture",
+                                   announce=False)
         self.prefix, self.node = self.conn.prefix, self.conn.node
         self.conn.client.on_publish = self._on_publish
+        self.conn.client.on_message = self._on_message
+        # Events, states and discovery as the single box publishes them, durable as there.
+        self.publisher = MqttPublisher(dataclasses.replace(cfg.mqtt, client_id=f"{base_id}-pub"),
+                                       node=cfg.node, source_ids=list(self.source_configs),
+                                       state_dir=self.state_dir,
+                                       password=resolve_mqtt_password(cfg.mqtt),
+                                       drain_timeout_s=cfg.distributed.drain_timeout_s)
+        self.event_worker = EventWorker(self._emit)
+        self.sensor_faults = ({sid: SensorFaultMonitor(self.node, sid) for sid in self.source_configs}
+                              if cfg.sensor_faults else {})
+        self.recent: RecentWindows | None = None
+        self.evidence: CaptureEvidence | None = None
+        if cfg.evidence.enabled:
+            self.recent = RecentWindows(self.source_configs)
+            store = EvidenceStore(self.state_dir / "evidence", max_count=cfg.evidence.max_count,
+                                  max_bytes=cfg.evidence.max_bytes)
+            self.evidence = CaptureEvidence(store, self.recent, self.event_worker,
+                                            self._publish_evidence, self.log)
         self.outbox = WindowOutbox(self.state_dir / "window_outbox.sqlite",
                                    max_rows=cfg.distributed.window_outbox_max)
         self.seq = SeqCounter(self.state_dir / "capture_seq.json")
@@ -116,11 +148,14 @@ class CaptureRole:
         self.shutdown.set()
 
     def run(self) -> int:
+        self.publisher.start()
+        self.event_worker.start()
         self.conn.start()
         self._sender.start()
         for s in self.cfg.sources:
             self.sources[s.id] = source = build_source(self.cfg, s, self.state_dir)
             source.start(self._block_sink(s.id), self._window_sink(s))
+            self._publish_state(s.id, "running")
         self.notifier.ready()
         self.log.info("capture_ready", sources=list(self.sources), outbox_pending=len(self.outbox))
         ended: set[str] = set()
@@ -150,6 +185,11 @@ class CaptureRole:
             self.log.warning("window_outbox_not_drained", outbox_pending=pending)
         self.conn.stop()
         self.outbox.close()
+        self.event_worker.stop_when_drained()  # the last clips and faults, then their publisher
+        for sid, src in self.sources.items():
+            if not src.finished:
+                self.publisher.publish_source_state(sid, "stopped")
+        self.publisher.stop()
         self.log.info("capture_stopped", published=self.published, acked=self.acked,
                       outbox_pending=pending, outbox_dropped=self.outbox.dropped,
                       queue_dropped=self.queue_dropped)
@@ -173,6 +213,12 @@ class CaptureRole:
         return on_window
 
     def _enqueue(self, window: Window, *, wait: bool) -> None:
+        faults = self.sensor_faults.get(window.source)
+        if faults is not None:
+            for event in faults.update(window):  # a few vector operations; events are rare
+                self.event_worker.submit(event, stop=self.shutdown)
+        if self.recent is not None:
+            self.recent.keep(window)
         with self._cond:
             while wait and len(self._queue) >= QUEUE_MAX_WINDOWS and not self.shutdown.is_set():
                 self._cond.wait(0.2)
@@ -260,12 +306,29 @@ class CaptureRole:
     def _on_connected(self, client) -> None:
         # Rows paho already holds are re-sent by paho itself; the rest are handed from the start.
         self._reset_cursor.set()
-        for sid in self.source_configs:
-            state = "ended" if sid in self.sources and self.sources[sid].finished else "running"
-            client.publish(f"{self.prefix}/{self.node}/{sid}/state", state, qos=1, retain=True)
+        if self.evidence is not None:
+            client.subscribe(f"{self.prefix}/{self.node}/+/event", qos=1)
         with self._cond:
             self._cond.notify_all()
 
+    def _on_message(self, client, userdata, msg) -> None:
+        source = msg.topic.split("/")[-2]
+        if self.evidence is not None and source in self.source_configs:
+            self.evidence.on_event(source, msg.payload)
+
+    # ------------------------------------------------------------------ reports
+
     def _publish_state(self, sid: str, state: str) -> None:
-        self.conn.client.publish(f"{self.prefix}/{self.node}/{sid}/state", state, qos=1,
-                                 retain=True)
+        self.publisher.publish_source_state(sid, state)  # re-sent by it on every connect
+
+    def _emit(self, event: AlarmEvent) -> None:
+        """On the event worker: a sensor-fault event, published and logged as the single box
+        does (monitor/daemon/route.py's EventOutput)."""
+        self.publisher.publish_event(event)
+        state = event.detail["state"]
+        self.log.warning("sensor_fault_started" if state == "start" else "sensor_fault_ended",
+                         source=event.source, kind=event.detail["kind"], fault_id=event.id,
+                         value=event.detail.get("value"), limit=event.detail.get("limit"))
+
+    def _publish_evidence(self, source: str, reference: dict) -> None:
+        self.publisher.publish_evidence(source, reference)
