@@ -116,7 +116,9 @@ def single_box_events(tmp_path_factory, models_dir, sources_root) -> set[tuple]:
     proc = harken("monitor", "--config", str(cfg), "--log-level", "warning", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sum(1 for r in rows if r["kind"] == "score") == 4 * N_SOURCES
+    scored = sorted((r["source"], r["window_start"]) for r in rows if r["kind"] == "score")
+    # seen once under heavy load (1 in ~20 runs): which windows, and what the daemon said
+    assert len(scored) == 4 * N_SOURCES, (len(scored), scored[:8], proc.stderr[-2000:])
     events = {event_key(r) for r in rows if r["kind"] == "event"}
     starts = {e[0] for e in events if e[1] == "start"}
     assert starts == {f"s{i:02d}" for i in range(0, N_SOURCES, 3)}  # the faulty ones, no others
