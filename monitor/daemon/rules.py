@@ -12,7 +12,7 @@ window, whether the alarm should start (`trigger`) and whether this window keeps
 - `cusum`: one-sided CUSUM, S_t = max(0, S_{t-1} + z_t - k_ref); on while S_t > h. Sums small
   persistent shifts above k_ref standard deviations.
 
-Each rule's statistic has a vectorised twin in monitor/calibration.py (`ewma_series`,
+Each rule's statistic has a vectorised twin in monitor/rulesim.py (`ewma_series`,
 `cusum_series`) that the false-alarm simulation uses; the tests check that they agree.
 """
 

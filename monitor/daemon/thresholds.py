@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monitor.calibration import (SECONDS_PER_DAY, Calibration, RuleSimulator, RuleSpec,
-                                 load_calibration)
+from monitor.calibration import SECONDS_PER_DAY, Calibration, load_calibration
+from monitor.rulesim import RuleSimulator, RuleSpec
 from monitor.daemon.rules import RULES, AlarmRule, CusumRule, EwmaRule, KOfNRule
 from monitor.errors import UsageError
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.calibration import (Calibration, RuleSimulator, RuleSpec, ScoreTail, count_episodes,
-                                 cusum_series, ewma_series, fit_gpd_pwm, hold_windows)
+from monitor.calibration import Calibration, ScoreTail, fit_gpd_pwm
+from monitor.rulesim import (RuleSimulator, RuleSpec, count_episodes, cusum_series, ewma_series,
+                             hold_windows)
 from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import AlarmConfig
 from monitor.daemon.rules import CusumRule, EwmaRule, KOfNRule
