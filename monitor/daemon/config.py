@@ -8,23 +8,19 @@ are used when it is absent.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import socket
-import tempfile
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.configload import MAX_PROBLEMS_SHOWN, ConfigError, from_mapping  # noqa: F401 (re-exported)
+from monitor.daemon.config_checks import (PATH_SHOWN, file_problems, model_problems,  # noqa: F401
+                                          resolve_state_dir)
 from monitor.daemon.roles.settings import DistributedConfig, distributed_problems  # issue 17
 from monitor.errors import UsageError
 from monitor.yamlsafe import load_yaml_file, short_repr
-
-if typing.TYPE_CHECKING:
-    from monitor.manifest import Manifest
 
 SOURCE_KINDS = ("folder", "mic", "mqtt")
 
@@ -182,131 +178,6 @@ def duration_s(value: float | str) -> float:
     return float(m.group(1)) * DURATION_UNITS_S[m.group(2) or "s"]
 
 
-MAX_PROBLEMS_SHOWN = 20
-
-
-class ConfigError(UsageError):
-    """Every problem of a config file at once; `str()` joins them into the CLI's one line."""
-
-    def __init__(self, where: str, problems: list[str]):
-        self.where = where
-        self.problems = list(problems)
-        shown = self.problems[:MAX_PROBLEMS_SHOWN]
-        more = len(self.problems) - len(shown)
-        super().__init__(f"{where}: " + "; ".join(shown) + (f"; and {more} more" if more else ""))
-
-
-def from_mapping(cls: type, data: object, path: str, problems: list[str]):
-    """Build dataclass `cls` from a YAML mapping by its type hints; problems (with their dotted
-    paths) are appended to `problems` and the result is None when any field was unusable."""
-    if not isinstance(data, dict):
-        problems.append(f"{path or '(top level)'}: expected a mapping, got {_kind(data)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    values: dict = {}
-    for key, value in data.items():
-        shown = key if isinstance(key, str) and len(key) <= 60 else short_repr(key, 60)
-        where = f"{path}.{shown}" if path else str(shown)
-        if key not in known:
-            problems.append(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-            continue
-        before = len(problems)
-        converted = _convert(value, hints[key], where, problems)
-        if len(problems) == before or converted is not None:  # partial lists/mappings too
-            values[key] = converted
-    complete = True
-    for name, f in known.items():
-        if name not in values and f.default is MISSING and f.default_factory is MISSING:
-            if name not in data:
-                problems.append(f"{path + '.' if path else ''}{name}: required key is missing")
-            complete = False
-    # A field with a bad value keeps its default so the value checks still run on the rest and
-    # every problem is reported at once; the caller knows from `problems` not to use it.
-    return cls(**values) if complete else None
-
-
-def _convert(value: object, hint, path: str, problems: list[str]):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            problems.append(f"{path}: must not be empty")
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # the first type that takes the value without complaint
-            trial: list[str] = []
-            out = _convert(value, option, path, trial)
-            if not trial:
-                return out
-        if len(options) == 1:
-            return _convert(value, options[0], path, problems)
-        names = " or ".join(_type_name(a) for a in options)
-        problems.append(f"{path}: expected {names}, got {_kind(value)} ({short_repr(value)})")
-        return None
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {_kind(value)} ({short_repr(value)})")
-            return None
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        else:
-            if len(value) != len(args):
-                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
-                return None
-            item_types = list(args)
-        before = len(problems)
-        items = tuple(_convert(v, t, f"{path}[{i}]", problems)
-                      for i, (v, t) in enumerate(zip(value, item_types)))
-        if len(problems) > before and not all(dataclasses.is_dataclass(t) for t in item_types):
-            return None  # a list of sections stays partial (None where one failed), values do not
-        return items
-    if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, path, problems)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {_kind(value)}")
-            return None
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # YAML's .nan / .inf pass every `<` check silently
-                problems.append(f"{path}: must be a finite number, got {short_repr(value)}")
-                return None
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:  # a field type this loader does not know: a bug in the schema, not in the YAML
-        raise TypeError(f"{path}: unsupported config field type {short_repr(hint)}")
-    problems.append(f"{path}: expected {_type_name(hint)}, got {_kind(value)} ({short_repr(value)})")
-    return None
-
-
-def _type_name(hint) -> str:
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
-    if typing.get_origin(hint) is tuple:
-        return "a list"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
 def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     """Value checks the types cannot express, each naming its dotted path."""
     problems: list[str] = []
@@ -447,7 +318,6 @@ def _learn_for_problems(s: SourceConfig, path: str) -> list[str]:
 
 
 MQTT_MAX_STRING_BYTES = 65535
-PATH_SHOWN = 300  # characters of a path an error message prints
 
 
 def _clip(text: str, limit: int = PATH_SHOWN) -> str:
@@ -524,109 +394,11 @@ def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
     return out
 
 
-def model_problems(cfg: DaemonConfig) -> list[str]:
-    """Load every source's artifact (hash and shapes checked) once per distinct path."""
-    from monitor.artifact import load_artifact  # torch import: only when models are checked
-    from monitor.audio import SAMPLE_RATE_HZ
-
-    problems: list[str] = []
-    loaded: dict[str, Manifest | str] = {}
-    for i, s in enumerate(cfg.sources):
-        if s.model not in loaded:
-            try:
-                loaded[s.model] = load_artifact(s.model).manifest
-            except UsageError as exc:
-                loaded[s.model] = str(exc)
-        got = loaded[s.model]
-        if isinstance(got, str):
-            problems.append(f"sources[{i}].model: {got}")
-        elif (missing := _missing_weights(got)) is not None:
-            problems.append(f"sources[{i}].model: {missing}")
-        elif int(got.sample_rate_hz) != SAMPLE_RATE_HZ:
-            problems.append(f"sources[{i}].model: {s.model}/manifest.json: trained at "
-                            f"{got.sample_rate_hz} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
-                            f"retrain the model at {SAMPLE_RATE_HZ} Hz")
-        elif float(got.window_s) != s.window_s:
-            problems.append(f"sources[{i}].window_s: the model was trained on {got.window_s} s "
-                            f"windows (got {s.window_s})")
-        elif s.learn_for is not None:
-            from monitor.enrolment import enrolment_problem
-
-            why = enrolment_problem(got)
-            if why is not None:
-                problems.append(f"sources[{i}].learn_for: {s.model}: {why}")
-    return problems
-
-
-def _missing_weights(manifest: Manifest) -> str | None:
-    """The one-line error when a pretrained encoder's weights are not on this machine."""
-    from monitor.encoders.registry import PRETRAINED
-    from monitor.weights.store import locate
-
-    spec = manifest.encoder
-    if spec.get("name") not in PRETRAINED:
-        return None
-    try:
-        locate(spec["name"], spec.get("weights"))
-    except UsageError as exc:
-        return str(exc)
-    return None
-
-
 def read_yaml(path: str | Path) -> dict:
     data = load_yaml_file(path)  # bounded: size, depth, alias expansion
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping (node:, sources:, ...) at the top level")
     return data
-
-
-def file_problems(cfg: DaemonConfig) -> list[str]:
-    """What the daemon will write must be writable by this user, now: the state directory
-    (evidence, outbox, the folders' played lists) and the JSONL file. Otherwise the daemon
-    would fail after start and systemd would restart it in a loop."""
-    problems = []
-    state = resolve_state_dir(cfg)
-    why = _unwritable_dir(state)
-    if why:
-        env = " ($STATE_DIRECTORY)" if os.environ.get("STATE_DIRECTORY") else ""
-        problems.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)}{env}: {why}")
-    if cfg.jsonl not in (None, "", "-"):
-        jsonl = Path(cfg.jsonl)
-        if jsonl.is_dir():
-            problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} is a directory; name a file")
-        elif jsonl.exists():
-            try:
-                with open(jsonl, "ab"):
-                    pass  # opening for append changes nothing
-            except OSError as exc:
-                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot append to it "
-                                f"({exc.strerror or exc})")
-        else:
-            why = _unwritable_dir(jsonl.absolute().parent)
-            if why:
-                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot be created ({why})")
-    return problems
-
-
-def _unwritable_dir(path: Path) -> str | None:
-    """None when files can be created in `path` (or in the nearest existing parent, which the
-    daemon creates it under); else why not. A real probe: permissions, read-only mounts,
-    ACLs and root all answer correctly."""
-    probe_in = path
-    while not probe_in.exists():
-        if probe_in.parent == probe_in:
-            return "no existing parent directory"
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        return f"{short_repr(str(probe_in), PATH_SHOWN)} is not a directory"
-    try:
-        fd, name = tempfile.mkstemp(prefix=".harken-check-", dir=probe_in)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        where = "" if probe_in == path else f" (in {short_repr(str(probe_in), PATH_SHOWN)}, where it would be created)"
-        return f"not writable{where}: {exc.strerror or exc}"
-    return None
 
 
 def config_problems(data: dict, *, check_models: bool = True,
@@ -652,13 +424,6 @@ def load_config(path: str | Path, *, check_models: bool = True) -> DaemonConfig:
     if problems or cfg is None:
         raise ConfigError(str(path), problems)
     return cfg
-
-
-def resolve_state_dir(cfg: DaemonConfig) -> Path:
-    """systemd's StateDirectory= ($STATE_DIRECTORY) wins over the config file; the first
-    entry when systemd lists several."""
-    env = os.environ.get("STATE_DIRECTORY")
-    return Path(env.split(":")[0]) if env else Path(cfg.state_dir)
 
 
 def resolve_mqtt_password(mqtt: MqttConfig) -> str | None:
