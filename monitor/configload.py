@@ -36,7 +36,7 @@ def from_mapping(cls: type, data: object, path: str, problems: list[str]):
         problems.append(f"{path or '(top level)'}: expected a mapping, got {_kind(data)}")
         return None
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.metadata.get("yaml", True)}  # yaml False: not a key
     values: dict = {}
     for key, value in data.items():
         shown = key if isinstance(key, str) and len(key) <= 60 else short_repr(key, 60)
