@@ -16,6 +16,11 @@ from monitor.errors import UsageError
 from monitor.yamlsafe import short_repr
 
 MAX_PROBLEMS_SHOWN = 20
+PATH_SHOWN = 300  # characters of a path an error message prints
+
+
+def clip(text: str, limit: int = PATH_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ConfigError(UsageError):
@@ -97,6 +102,8 @@ def convert(value: object, hint, path: str, problems: list[str]):
             return None  # a list of sections stays partial (None where one failed), values do not
         return items
     if dataclasses.is_dataclass(hint):
+        if hasattr(hint, "from_yaml"):  # a section whose class is chosen by a key (source kinds)
+            return hint.from_yaml(value, path, problems)
         return from_mapping(hint, value, path, problems)
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
@@ -138,3 +145,31 @@ def _kind(value: object) -> str:
         return "nothing"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def limited(default, *, gt: float | None = None, ge: float | None = None,
+            within: tuple[float, float] | None = None, choices: tuple[str, ...] | None = None):
+    """A dataclass field with its limit next to it; `limit_problems` checks it."""
+    rule = {k: v for k, v in (("gt", gt), ("ge", ge), ("within", within), ("choices", choices))
+            if v is not None}
+    return dataclasses.field(default=default, metadata={"limit": rule})
+
+
+def limit_problems(obj, path: str) -> list[str]:
+    """The fields of `obj` outside their declared limits (None values are not checked)."""
+    out: list[str] = []
+    for f in fields(obj):
+        rule = f.metadata.get("limit")
+        value = getattr(obj, f.name)
+        if not rule or value is None:
+            continue
+        where = f"{path}.{f.name}" if path else f.name
+        if "gt" in rule and not value > rule["gt"]:
+            out.append(f"{where}: must be > {rule['gt']}, got {value}")
+        elif "ge" in rule and not value >= rule["ge"]:
+            out.append(f"{where}: must be >= {rule['ge']}, got {value}")
+        elif "within" in rule and not rule["within"][0] <= value <= rule["within"][1]:
+            out.append(f"{where}: must be in {rule['within'][0]}-{rule['within'][1]}, got {value}")
+        elif "choices" in rule and value not in rule["choices"]:
+            out.append(f"{where}: must be one of {', '.join(rule['choices'])}, got {short_repr(value)}")
+    return out

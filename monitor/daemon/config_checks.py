@@ -10,17 +10,16 @@ import tempfile
 import typing
 from pathlib import Path
 
+from monitor.configload import PATH_SHOWN
 from monitor.errors import UsageError
 from monitor.yamlsafe import short_repr
 
 if typing.TYPE_CHECKING:
-    from monitor.daemon.config import DaemonConfig
     from monitor.manifest import Manifest
 
-PATH_SHOWN = 300  # characters of a path an error message prints
+# `cfg` below is a monitor.daemon.config.DaemonConfig, not imported: that module imports this one
 
-
-def model_problems(cfg: DaemonConfig) -> list[str]:
+def model_problems(cfg: "DaemonConfig") -> list[str]:  # noqa: F821
     """Load every source's artifact (hash and shapes checked) once per distinct path."""
     from monitor.artifact import load_artifact  # torch import: only when models are checked
     from monitor.audio import SAMPLE_RATE_HZ
@@ -69,7 +68,7 @@ def _missing_weights(manifest: Manifest) -> str | None:
     return None
 
 
-def file_problems(cfg: DaemonConfig) -> list[str]:
+def file_problems(cfg: "DaemonConfig") -> list[str]:  # noqa: F821
     """What the daemon will write must be writable by this user, now: the state directory
     (evidence, outbox, the folders' played lists) and the JSONL file. Otherwise the daemon
     would fail after start and systemd would restart it in a loop."""
@@ -118,7 +117,7 @@ def _unwritable_dir(path: Path) -> str | None:
     return None
 
 
-def resolve_state_dir(cfg: DaemonConfig) -> Path:
+def resolve_state_dir(cfg: "DaemonConfig") -> Path:  # noqa: F821
     """systemd's StateDirectory= ($STATE_DIRECTORY) wins over the config file; the first
     entry when systemd lists several."""
     env = os.environ.get("STATE_DIRECTORY")
