@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from monitor.audio import WINDOW_S
+from monitor.configload import ConfigError, from_mapping
 from monitor.errors import UsageError
 from monitor.yamlsafe import load_yaml_file, short_repr
 
@@ -14,6 +14,7 @@ THRESHOLD_METHODS = ("gamma", "quantile")
 FUSION_METHODS = ("mean", "max")
 FUSION_TRANSFORMS = ("log", "none")
 KNN_METRICS = ("auto", "cosine", "euclidean")
+EMBEDDING_CACHE = ("auto", "on", "off")
 
 # Scorers when none are asked for, by encoder (measured; README "Choosing a model"): the
 # weight-free default fuses three density models on its statistics; pretrained embeddings get
@@ -65,50 +66,54 @@ class TrainConfig:
     fine_tune_lr: float = 1e-5  # the encoder's learning rate; the decoder keeps learning_rate
     fine_tune_epochs: int | None = None  # default max_epochs; early stopping as for the decoder
     fine_tune_batch_size: int = 8  # windows per step: backprop through the encoder needs memory
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict = field(default_factory=dict, compare=False, metadata={"yaml": False})
 
     def validate(self) -> TrainConfig:
-        def bad(key, msg):
-            raise UsageError(f"{key}: {msg}")
-
-        if not 0.0 < self.val_fraction < 0.9:
-            bad("val_fraction", f"must be in (0, 0.9), got {self.val_fraction}")
-        if self.threshold_method not in THRESHOLD_METHODS:
-            bad("threshold_method", f"must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}")
-        if not 0.5 <= self.threshold_quantile < 1.0:
-            bad("threshold_quantile", f"must be in [0.5, 1), got {self.threshold_quantile}")
-        if self.embedding_cache not in ("auto", "on", "off"):
-            bad("embedding_cache", f"must be auto, on or off, got {self.embedding_cache!r}")
-        if self.fusion_transform not in FUSION_TRANSFORMS:
-            bad("fusion_transform", f"must be one of {FUSION_TRANSFORMS}, got {self.fusion_transform!r}")
-        if self.knn_metric not in KNN_METRICS:
-            bad("knn_metric", f"must be one of {KNN_METRICS}, got {self.knn_metric!r}")
-        if self.fusion not in FUSION_METHODS:
-            bad("fusion", f"must be one of {FUSION_METHODS}, got {self.fusion!r}")
-        for key in ("batch_size", "max_epochs", "embed_batch_size", "knn_k"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if self.fine_tune_lr <= 0:
-            bad("fine_tune_lr", f"must be > 0, got {self.fine_tune_lr}")
-        if self.fine_tune_epochs is not None and self.fine_tune_epochs < 1:
-            bad("fine_tune_epochs", f"must be >= 1, got {self.fine_tune_epochs}")
-        if self.fine_tune_batch_size < 2:
-            bad("fine_tune_batch_size", f"must be >= 2 (the decoder has BatchNorm), got {self.fine_tune_batch_size}")
-        if self.scorers is not None and not self.scorers:
-            bad("scorers", "at least one scorer is needed (diag, mahalanobis, knn, recon)")
-        if self.hop_s is not None and not MIN_TRAIN_HOP_S <= self.hop_s <= WINDOW_S:
-            bad("hop_s", f"must be between {MIN_TRAIN_HOP_S} and {WINDOW_S:g} seconds (or "
-                         f"omitted: no overlap), got {self.hop_s}")
-        if not 0 < self.lr_factor < 1:
-            bad("lr_factor", f"must be in (0, 1), got {self.lr_factor}")
-        for key in ("lr_patience", "early_stop_patience"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.early_stop_min_delta < 0:
-            bad("early_stop_min_delta", f"must be >= 0, got {self.early_stop_min_delta}")
+        """self when every value is in range; else ConfigError naming every bad key at once."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("training config", problems)
         return self
+
+    def problems(self, path: str = "") -> list[str]:
+        """Value checks the types cannot express, each naming its dotted path."""
+        out: list[str] = []
+
+        def check(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                out.append(f"{path + '.' if path else ''}{key}: {msg}")
+
+        check(0.0 < self.val_fraction < 0.9, "val_fraction", f"must be in (0, 0.9), got {self.val_fraction}")
+        for key, choices in (("threshold_method", THRESHOLD_METHODS), ("embedding_cache", EMBEDDING_CACHE),
+                             ("fusion_transform", FUSION_TRANSFORMS), ("knn_metric", KNN_METRICS),
+                             ("fusion", FUSION_METHODS)):
+            value = getattr(self, key)
+            check(value in choices, key, f"must be one of {', '.join(choices)}, got {short_repr(value)}")
+        check(0.5 <= self.threshold_quantile < 1.0, "threshold_quantile",
+              f"must be in [0.5, 1), got {self.threshold_quantile}")
+        for key in ("batch_size", "max_epochs", "embed_batch_size", "knn_k"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("learning_rate", "fine_tune_lr"):
+            check(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        check(self.fine_tune_epochs is None or self.fine_tune_epochs >= 1, "fine_tune_epochs",
+              f"must be >= 1, got {self.fine_tune_epochs}")
+        check(self.fine_tune_batch_size >= 2, "fine_tune_batch_size",
+              f"must be >= 2 (the decoder has BatchNorm), got {self.fine_tune_batch_size}")
+        check(self.scorers is None or len(self.scorers) > 0, "scorers",
+              "at least one scorer is needed (diag, mahalanobis, knn, recon)")
+        check(self.hop_s is None or MIN_TRAIN_HOP_S <= self.hop_s <= WINDOW_S, "hop_s",
+              f"must be between {MIN_TRAIN_HOP_S} and {WINDOW_S:g} seconds (or omitted: no overlap), "
+              f"got {self.hop_s}")
+        dims = self.decoder_dims
+        check(dims is None or (2 <= len(dims) <= 16 and all(1 <= x <= 1_000_000 for x in dims)),
+              "decoder_dims", f"expected 2-16 layer widths, integers in 1..1000000, "
+                              f"got {short_repr(list(dims or ()))}")
+        check(0 < self.lr_factor < 1, "lr_factor", f"must be in (0, 1), got {self.lr_factor}")
+        for key in ("lr_patience", "early_stop_patience"):
+            check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        check(self.early_stop_min_delta >= 0, "early_stop_min_delta",
+              f"must be >= 0, got {self.early_stop_min_delta}")
+        return out
 
     @property
     def scorer_names(self) -> tuple[str, ...]:
@@ -128,75 +133,31 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
-    """Defaults, then the YAML file's keys (unknown keys rejected), then CLI overrides."""
-    values: dict = {}
+    """Defaults, then the YAML file's keys, then CLI overrides; ConfigError lists every problem
+    (unknown keys, wrong types, values out of range) at once, each with its dotted path."""
+    section: dict = {}
+    prefix = ""
+    where = "training config"
     if path is not None:
-        p = Path(path)
-        loaded = load_yaml_file(p) or {}  # bounded: size, depth, alias expansion
+        where = str(path)
+        loaded = load_yaml_file(Path(path)) or {}  # bounded: size, depth, alias expansion
         if not isinstance(loaded, dict):
-            raise UsageError(f"{p}: expected a mapping of training settings at the top level")
-        section = loaded.get("train", loaded)
+            raise UsageError(f"{path}: expected a mapping of training settings at the top level")
+        if "train" in loaded:
+            prefix, section = "train", loaded["train"]
+        else:
+            section = loaded
         if not isinstance(section, dict):
-            raise UsageError(f"{p}: train: expected a mapping of training settings, got "
+            raise UsageError(f"{path}: train: expected a mapping of training settings, got "
                              f"{short_repr(section)}")
-        known = {f.name for f in fields(TrainConfig)} - {"extra"}
-        for key, value in section.items():
-            if key not in known:
-                raise UsageError(f"{p}: train.{short_repr(key, 60) if not isinstance(key, str) else key[:60]}: "
-                                 f"unknown key; known keys: {', '.join(sorted(known))}")
-            values[key] = value
+    values = dict(section)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("scorers", "decoder_dims"):
-        if key in values and values[key] is not None:
-            v = values[key]
-            if not isinstance(v, (str, list, tuple)):
-                raise UsageError(f"{key}: expected a list, got {short_repr(v)}")
-            values[key] = tuple(v.split(",")) if isinstance(v, str) else tuple(v)
-    if "decoder_dims" in values and values["decoder_dims"] is not None:
-        dims = values["decoder_dims"]
-        if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 1_000_000
-                   for x in dims) or not 2 <= len(dims) <= 16:
-            raise UsageError(f"decoder_dims: expected 2-16 layer widths, integers in "
-                             f"1..1000000, got {short_repr(list(dims))}")
-        values["decoder_dims"] = tuple(int(x) for x in dims)
-    if values.get("scorers") is not None and not all(isinstance(x, str) for x in values["scorers"]):
-        raise UsageError(f"scorers: expected scorer names, got {short_repr(values['scorers'])}")
-    try:
-        cfg = replace(TrainConfig(), **values)
-    except TypeError as exc:
-        raise UsageError(f"training config: {exc}") from None
-    _check_types(cfg)
-    return cfg.validate()
-
-
-# Fields that may be empty (None) and the type they take otherwise.
-_OPTIONAL_TYPES = {"weights": str, "embedding": str, "fine_tune_epochs": int}
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        default = getattr(TrainConfig(), f.name)
-        if f.name == "extra":
-            continue
-        if v is None:
-            if default is not None:
-                raise UsageError(f"{f.name}: must not be empty (default {short_repr(default)})")
-            continue
-        if default is None:
-            want = _OPTIONAL_TYPES.get(f.name)
-            if want is not None and (not isinstance(v, want) or isinstance(v, bool)):
-                raise UsageError(f"{f.name}: expected {want.__name__}, got {type(v).__name__} "
-                                 f"({short_repr(v)})")
-            continue
-        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-            continue
-        if not isinstance(v, type(default)) or (isinstance(v, bool) and not isinstance(default, bool)):
-            raise UsageError(f"{f.name}: expected {type(default).__name__}, got {type(v).__name__} "
-                             f"({short_repr(v)})")
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):  # .nan passes every `<=` check
-            raise UsageError(f"{f.name}: must be a finite number, got {v}")
-    if cfg.hop_s is not None and (isinstance(cfg.hop_s, bool) or not isinstance(cfg.hop_s, (int, float))):
-        raise UsageError(f"hop_s: expected a number of seconds, got {short_repr(cfg.hop_s)}")
+    if isinstance(values.get("scorers"), str):  # the CLI's --scorers knn,mahalanobis
+        values["scorers"] = values["scorers"].split(",")
+    problems: list[str] = []
+    cfg = from_mapping(TrainConfig, values, prefix, problems)
+    if cfg is not None:
+        problems += cfg.problems(prefix)
+    if problems or cfg is None:
+        raise ConfigError(where, problems)
+    return cfg

@@ -8,26 +8,23 @@ are used when it is absent.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import re
 import socket
-import tempfile
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.configload import MAX_PROBLEMS_SHOWN, PATH_SHOWN, ConfigError, clip, from_mapping  # noqa: F401
+from monitor.daemon.config_checks import file_problems, model_problems, resolve_state_dir  # noqa: F401
+from monitor.daemon.sections import (AlarmConfig, EvidenceConfig, MetricsConfig,  # noqa: F401
+                                     MqttConfig, TlsConfig, WebConfig)
+from monitor.daemon.source_config import (SOURCE_ID, SOURCE_KINDS, FolderSourceConfig,  # noqa: F401
+                                          MicSourceConfig, MqttSourceConfig, SourceConfig,
+                                          _mqtt_string_problem, _topic_problems, duration_s,
+                                          windows_needed)
 from monitor.daemon.roles.settings import DistributedConfig, distributed_problems  # issue 17
 from monitor.errors import UsageError
 from monitor.yamlsafe import load_yaml_file, short_repr
-
-if typing.TYPE_CHECKING:
-    from monitor.manifest import Manifest
-
-SOURCE_KINDS = ("folder", "mic", "mqtt")
-
 
 def default_node() -> str:
     """The host name made topic-safe: `line1.plant.example` -> `line1`."""
@@ -35,104 +32,6 @@ def default_node() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", short) or "harken"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class AlarmConfig:
-    k: int = 2  # alarm ON after k of the last n windows exceed the threshold
-    n: int = 3
-    hold_s: float = 30.0  # alarm OFF after this long with every window below the threshold
-    # None: from the false-alarm budget and the model's calibrated tail (monitor/calibration.py),
-    # or the artifact's stored threshold for models trained before calibration. For kofn a
-    # score level; for ewma/cusum a level of the statistic (standard deviations of normal scores).
-    threshold: float | None = None
-    false_alarms_per_day: float = 1.0 / 7.0  # the budget: expected false alarms a day, this source
-    rule: str = "kofn"  # kofn | ewma | cusum (monitor/daemon/rules.py)
-    ewma_lambda: float = 0.2  # ewma: weight of the newest window
-    cusum_k: float = 0.5  # cusum: allowance, in standard deviations of normal scores
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None  # client certificate (mutual TLS)
-    key_file: str | None = None
-    insecure: bool = False  # skip host name verification (test brokers only)
-
-
-@dataclass(frozen=True)
-class MqttConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    topic_prefix: str = "harken"
-    username: str | None = None
-    password_file: str | None = None
-    client_id: str | None = None  # default: harken-<node>
-    keepalive_s: int = 30
-    tls: TlsConfig | None = None
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    discovery: bool = False  # Home Assistant MQTT discovery
-    discovery_prefix: str = "homeassistant"
-    outbox_max_events: int = 10_000  # durable outbox bound (events and alarm states)
-    # accept verdicts on <prefix>/<node>/<source>/verdict/set (monitor/daemon/mqtt_verdicts.py)
-    verdicts: bool = False
-
-
-@dataclass(frozen=True)
-class SourceConfig:
-    id: str  # topic-safe: [A-Za-z0-9_-]
-    kind: str  # folder | mic | mqtt
-    model: str  # artifact directory
-    window_s: float = 10.0
-    hop_s: float = 10.0
-    alarm: AlarmConfig | None = None  # overrides the daemon-wide alarm settings
-    machine_id: int | None = None  # for models with per-machine-ID statistics
-    # folder
-    path: str | None = None
-    speed: str = "max"  # max | realtime
-    watch: bool = False  # keep waiting for new files
-    poll_s: float = 1.0
-    # mic
-    device: str | int | None = None  # sounddevice name (substring) or index; None: default input
-    # mic and mqtt
-    rate_hz: int | None = None  # mic: device default when None; mqtt: 16000 when None
-    channels: int = 1  # channels in the stream (mic: opened; mqtt: interleaved in payloads)
-    select_channels: tuple[int, ...] | None = None  # which channels to mix down; None: all
-    # mqtt
-    topic: str | None = None  # the audio topic (no wildcards)
-    format: str = "s16le"  # s16le | f32le (stream mode)
-    mode: str = "stream"  # stream: raw PCM chunks; window: each message is one WAV clip
-    max_payload_bytes: int = 4_000_000
-    # folder, benchmarks: realtime pacing sped up by this factor (1.0: real time)
-    time_scale: float = 1.0
-    # enrolment (monitor/enrolment.py): learn the model's scorers from this much audio
-    # ("2h", "30m", "90s" or seconds), then arm; None: armed from the start
-    learn_for: float | str | None = None
-
-
-@dataclass(frozen=True)
-class EvidenceConfig:
-    enabled: bool = True
-    max_count: int = 200  # alarm evidence sets kept (WAV + PNG)
-    max_bytes: int = 500_000_000
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool = False
-    host: str = "127.0.0.1"  # localhost by default: metrics are not for the whole network
-    port: int = 9464
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    """The operator's page (monitor/daemon/web.py); off unless enabled."""
-
-    enabled: bool = False
-    host: str = "127.0.0.1"  # localhost by default: reading the page needs no token there
-    port: int = 8099
-    token_file: str | None = None  # verdicts need it; else $CREDENTIALS_DIRECTORY/web_token
 
 
 @dataclass(frozen=True)
@@ -163,149 +62,6 @@ class DaemonConfig:
 
 
 # --------------------------------------------------------------------------- loading
-
-SOURCE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
-SPEEDS = ("max", "realtime")
-AUDIO_FORMATS = ("s16le", "f32le")
-MQTT_MODES = ("stream", "window")
-DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\s*$")
-DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def duration_s(value: float | str) -> float:
-    """`2h`, `30m`, `90s`, `1.5d` or a number of seconds -> seconds; ValueError otherwise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = DURATION.match(str(value))
-    if m is None:
-        raise ValueError(value)
-    return float(m.group(1)) * DURATION_UNITS_S[m.group(2) or "s"]
-
-
-MAX_PROBLEMS_SHOWN = 20
-
-
-class ConfigError(UsageError):
-    """Every problem of a config file at once; `str()` joins them into the CLI's one line."""
-
-    def __init__(self, where: str, problems: list[str]):
-        self.where = where
-        self.problems = list(problems)
-        shown = self.problems[:MAX_PROBLEMS_SHOWN]
-        more = len(self.problems) - len(shown)
-        super().__init__(f"{where}: " + "; ".join(shown) + (f"; and {more} more" if more else ""))
-
-
-def from_mapping(cls: type, data: object, path: str, problems: list[str]):
-    """Build dataclass `cls` from a YAML mapping by its type hints; problems (with their dotted
-    paths) are appended to `problems` and the result is None when any field was unusable."""
-    if not isinstance(data, dict):
-        problems.append(f"{path or '(top level)'}: expected a mapping, got {_kind(data)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    values: dict = {}
-    for key, value in data.items():
-        shown = key if isinstance(key, str) and len(key) <= 60 else short_repr(key, 60)
-        where = f"{path}.{shown}" if path else str(shown)
-        if key not in known:
-            problems.append(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-            continue
-        before = len(problems)
-        converted = _convert(value, hints[key], where, problems)
-        if len(problems) == before or converted is not None:  # partial lists/mappings too
-            values[key] = converted
-    complete = True
-    for name, f in known.items():
-        if name not in values and f.default is MISSING and f.default_factory is MISSING:
-            if name not in data:
-                problems.append(f"{path + '.' if path else ''}{name}: required key is missing")
-            complete = False
-    # A field with a bad value keeps its default so the value checks still run on the rest and
-    # every problem is reported at once; the caller knows from `problems` not to use it.
-    return cls(**values) if complete else None
-
-
-def _convert(value: object, hint, path: str, problems: list[str]):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            problems.append(f"{path}: must not be empty")
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # the first type that takes the value without complaint
-            trial: list[str] = []
-            out = _convert(value, option, path, trial)
-            if not trial:
-                return out
-        if len(options) == 1:
-            return _convert(value, options[0], path, problems)
-        names = " or ".join(_type_name(a) for a in options)
-        problems.append(f"{path}: expected {names}, got {_kind(value)} ({short_repr(value)})")
-        return None
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}: expected a list, got {_kind(value)} ({short_repr(value)})")
-            return None
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_types = [args[0]] * len(value)
-        else:
-            if len(value) != len(args):
-                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
-                return None
-            item_types = list(args)
-        before = len(problems)
-        items = tuple(_convert(v, t, f"{path}[{i}]", problems)
-                      for i, (v, t) in enumerate(zip(value, item_types)))
-        if len(problems) > before and not all(dataclasses.is_dataclass(t) for t in item_types):
-            return None  # a list of sections stays partial (None where one failed), values do not
-        return items
-    if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, path, problems)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {_kind(value)}")
-            return None
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # YAML's .nan / .inf pass every `<` check silently
-                problems.append(f"{path}: must be a finite number, got {short_repr(value)}")
-                return None
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:  # a field type this loader does not know: a bug in the schema, not in the YAML
-        raise TypeError(f"{path}: unsupported config field type {short_repr(hint)}")
-    problems.append(f"{path}: expected {_type_name(hint)}, got {_kind(value)} ({short_repr(value)})")
-    return None
-
-
-def _type_name(hint) -> str:
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
-    if typing.get_origin(hint) is tuple:
-        return "a list"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, getattr(hint, "__name__", str(hint)))
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-
 
 def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     """Value checks the types cannot express, each naming its dotted path."""
@@ -352,7 +108,7 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
               if m.reconnect_min_s > m.reconnect_max_s else f"must be > 0, got {m.reconnect_min_s}")
         check(m.outbox_max_events >= 1, "mqtt.outbox_max_events", f"must be >= 1, got {m.outbox_max_events}")
         if m.password_file is not None:
-            check(Path(m.password_file).is_file(), "mqtt.password_file", f"{_clip(m.password_file)}: no such file")
+            check(Path(m.password_file).is_file(), "mqtt.password_file", f"{clip(m.password_file)}: no such file")
     problems += distributed_problems(cfg)  # role and distributed: (and "no sources")
     seen: dict[str, int] = {}
     for i, s in enumerate(cfg.sources):
@@ -368,117 +124,13 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
             seen[s.id] = i
         if s.kind not in SOURCE_KINDS:
             problems.append(f"{p}.kind: unknown source kind {short_repr(s.kind)} (known: {', '.join(SOURCE_KINDS)})")
-        check(s.window_s > 0, f"{p}.window_s", f"must be > 0, got {s.window_s}")
-        if s.hop_s <= 0:
-            problems.append(f"{p}.hop_s: must be > 0, got {s.hop_s}")
-        elif s.hop_s > s.window_s:
-            problems.append(f"{p}.hop_s: must be <= window_s (got {s.hop_s} > {s.window_s})")
+        problems += s.problems(p, check_paths=check_paths)
         if s.alarm is not None:
             problems += _alarm_problems(s.alarm, f"{p}.alarm")
-        check(s.time_scale > 0, f"{p}.time_scale", f"must be > 0, got {s.time_scale}")
-        check(s.channels >= 1, f"{p}.channels", f"must be >= 1, got {s.channels}")
-        if s.select_channels is not None:
-            bad = [c for c in s.select_channels if not 0 <= c < s.channels]
-            check(not bad and len(s.select_channels) > 0, f"{p}.select_channels",
-                  f"channel numbers must be in 0..{s.channels - 1} (channels: {s.channels}), "
-                  f"got {short_repr(list(s.select_channels))}")
-        if s.rate_hz is not None:
-            check(8000 <= s.rate_hz <= 48000, f"{p}.rate_hz", f"must be in 8000-48000, got {s.rate_hz}")
-        if s.kind == "folder":
-            if s.path is None:
-                problems.append(f"{p}.path: required for a folder source")
-            elif check_paths and not Path(s.path).is_dir():
-                # --no-models: checked where the daemon runs, like the model paths
-                problems.append(f"{p}.path: {_clip(s.path)}: no such directory")
-            check(s.speed in SPEEDS, f"{p}.speed", f"must be one of {', '.join(SPEEDS)}, got {short_repr(s.speed)}")
-            check(s.poll_s > 0, f"{p}.poll_s", f"must be > 0, got {s.poll_s}")
-        if s.kind == "mqtt":
-            if cfg.mqtt is None:
-                problems.append(f"{p}.kind: an mqtt source needs the top-level mqtt: section")
-            if not s.topic:
-                problems.append(f"{p}.topic: required for an mqtt source")
-            elif set("+#") & set(s.topic):
-                problems.append(f"{p}.topic: must not contain MQTT wildcards, got {short_repr(s.topic)}")
-            else:
-                problems += _topic_problems(s.topic, f"{p}.topic", prefix=False)
-            check(s.format in AUDIO_FORMATS, f"{p}.format",
-                  f"must be one of {', '.join(AUDIO_FORMATS)}, got {short_repr(s.format)}")
-            check(s.mode in MQTT_MODES, f"{p}.mode", f"must be one of {', '.join(MQTT_MODES)}, got {short_repr(s.mode)}")
-            check(s.max_payload_bytes >= 1, f"{p}.max_payload_bytes", f"must be >= 1, got {s.max_payload_bytes}")
-        if s.learn_for is not None:
-            problems += _learn_for_problems(s, f"{p}.learn_for")
-        if s.kind != "folder":
-            for key, default in (("path", None), ("speed", "max"), ("watch", False)):
-                check(getattr(s, key) == default, f"{p}.{key}", "only a folder source takes this key")
-        if s.kind != "mic":
-            check(s.device is None, f"{p}.device", "only a mic source takes this key")
-        if s.kind != "mqtt":
-            check(s.topic is None, f"{p}.topic", "only an mqtt source takes this key")
+        if s.kind == "mqtt" and cfg.mqtt is None:
+            problems.append(f"{p}.kind: an mqtt source needs the top-level mqtt: section")
     problems += _output_path_problems(cfg)
     return problems
-
-
-LEARN_MAX_WINDOWS = 50_000  # about 150 MB of 768-dim embeddings; beyond, learn_for is a mistake
-
-
-def windows_needed(learn_for_s: float, hop_s: float) -> int:
-    """Windows a learning source collects (monitor/daemon/learning.py): one per hop of audio."""
-    return int(math.ceil(learn_for_s / hop_s - 1e-9))
-
-
-def _learn_for_problems(s: SourceConfig, path: str) -> list[str]:
-    from monitor.calibration import MIN_SCORES as MIN_WINDOWS  # the tail needs that many
-
-    try:
-        secs = duration_s(s.learn_for)
-    except ValueError:
-        return [f"{path}: must be a duration like 2h, 30m, 90s or a number of seconds, "
-                f"got {short_repr(s.learn_for)}"]
-    if s.hop_s <= 0:
-        return []  # reported at hop_s
-    n = windows_needed(secs, s.hop_s) if secs > 0 else 0
-    if n < MIN_WINDOWS:
-        return [f"{path}: must cover at least {MIN_WINDOWS} hops ({MIN_WINDOWS * s.hop_s:g} s at "
-                f"hop_s {s.hop_s:g}) for a calibrated threshold, got {secs:g} s"]
-    if n > LEARN_MAX_WINDOWS:
-        return [f"{path}: at most {LEARN_MAX_WINDOWS} hops ({LEARN_MAX_WINDOWS * s.hop_s:g} s at hop_s "
-                f"{s.hop_s:g}), got {secs:g} s"]
-    return []
-
-
-MQTT_MAX_STRING_BYTES = 65535
-PATH_SHOWN = 300  # characters of a path an error message prints
-
-
-def _clip(text: str, limit: int = PATH_SHOWN) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _mqtt_string_problem(value: str) -> str | None:
-    """Why `value` cannot be an MQTT string (topic, client id, user name), or None."""
-    if "\0" in value:
-        return "must not contain a NUL character"
-    try:
-        encoded = value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid text (it holds an unpaired surrogate)"
-    if len(encoded) > MQTT_MAX_STRING_BYTES:
-        return f"must be at most {MQTT_MAX_STRING_BYTES} bytes of UTF-8"
-    return None
-
-
-def _topic_problems(value: str, path: str, *, prefix: bool) -> list[str]:
-    """A topic prefix (levels joined by '/', each non-empty, no wildcards) or an exact topic."""
-    if not value:
-        return [f"{path}: must not be empty"]
-    bad = _mqtt_string_problem(value)
-    if bad is not None:
-        return [f"{path}: {bad}, got {short_repr(value)}"]
-    if prefix and set("+#") & set(value):
-        return [f"{path}: must be non-empty without MQTT wildcards, got {short_repr(value)}"]
-    if any(not level for level in value.split("/")):
-        return [f"{path}: {short_repr(value)} has an empty topic level"]
-    return []
 
 
 def _output_path_problems(cfg: DaemonConfig) -> list[str]:
@@ -524,109 +176,11 @@ def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
     return out
 
 
-def model_problems(cfg: DaemonConfig) -> list[str]:
-    """Load every source's artifact (hash and shapes checked) once per distinct path."""
-    from monitor.artifact import load_artifact  # torch import: only when models are checked
-    from monitor.audio import SAMPLE_RATE_HZ
-
-    problems: list[str] = []
-    loaded: dict[str, Manifest | str] = {}
-    for i, s in enumerate(cfg.sources):
-        if s.model not in loaded:
-            try:
-                loaded[s.model] = load_artifact(s.model).manifest
-            except UsageError as exc:
-                loaded[s.model] = str(exc)
-        got = loaded[s.model]
-        if isinstance(got, str):
-            problems.append(f"sources[{i}].model: {got}")
-        elif (missing := _missing_weights(got)) is not None:
-            problems.append(f"sources[{i}].model: {missing}")
-        elif int(got.sample_rate_hz) != SAMPLE_RATE_HZ:
-            problems.append(f"sources[{i}].model: {s.model}/manifest.json: trained at "
-                            f"{got.sample_rate_hz} Hz but this harken runs at {SAMPLE_RATE_HZ} Hz; "
-                            f"retrain the model at {SAMPLE_RATE_HZ} Hz")
-        elif float(got.window_s) != s.window_s:
-            problems.append(f"sources[{i}].window_s: the model was trained on {got.window_s} s "
-                            f"windows (got {s.window_s})")
-        elif s.learn_for is not None:
-            from monitor.enrolment import enrolment_problem
-
-            why = enrolment_problem(got)
-            if why is not None:
-                problems.append(f"sources[{i}].learn_for: {s.model}: {why}")
-    return problems
-
-
-def _missing_weights(manifest: Manifest) -> str | None:
-    """The one-line error when a pretrained encoder's weights are not on this machine."""
-    from monitor.encoders.registry import PRETRAINED
-    from monitor.weights.store import locate
-
-    spec = manifest.encoder
-    if spec.get("name") not in PRETRAINED:
-        return None
-    try:
-        locate(spec["name"], spec.get("weights"))
-    except UsageError as exc:
-        return str(exc)
-    return None
-
-
 def read_yaml(path: str | Path) -> dict:
     data = load_yaml_file(path)  # bounded: size, depth, alias expansion
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping (node:, sources:, ...) at the top level")
     return data
-
-
-def file_problems(cfg: DaemonConfig) -> list[str]:
-    """What the daemon will write must be writable by this user, now: the state directory
-    (evidence, outbox, the folders' played lists) and the JSONL file. Otherwise the daemon
-    would fail after start and systemd would restart it in a loop."""
-    problems = []
-    state = resolve_state_dir(cfg)
-    why = _unwritable_dir(state)
-    if why:
-        env = " ($STATE_DIRECTORY)" if os.environ.get("STATE_DIRECTORY") else ""
-        problems.append(f"state_dir: {short_repr(str(state), PATH_SHOWN)}{env}: {why}")
-    if cfg.jsonl not in (None, "", "-"):
-        jsonl = Path(cfg.jsonl)
-        if jsonl.is_dir():
-            problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)} is a directory; name a file")
-        elif jsonl.exists():
-            try:
-                with open(jsonl, "ab"):
-                    pass  # opening for append changes nothing
-            except OSError as exc:
-                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot append to it "
-                                f"({exc.strerror or exc})")
-        else:
-            why = _unwritable_dir(jsonl.absolute().parent)
-            if why:
-                problems.append(f"jsonl: {short_repr(cfg.jsonl, PATH_SHOWN)}: cannot be created ({why})")
-    return problems
-
-
-def _unwritable_dir(path: Path) -> str | None:
-    """None when files can be created in `path` (or in the nearest existing parent, which the
-    daemon creates it under); else why not. A real probe: permissions, read-only mounts,
-    ACLs and root all answer correctly."""
-    probe_in = path
-    while not probe_in.exists():
-        if probe_in.parent == probe_in:
-            return "no existing parent directory"
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        return f"{short_repr(str(probe_in), PATH_SHOWN)} is not a directory"
-    try:
-        fd, name = tempfile.mkstemp(prefix=".harken-check-", dir=probe_in)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        where = "" if probe_in == path else f" (in {short_repr(str(probe_in), PATH_SHOWN)}, where it would be created)"
-        return f"not writable{where}: {exc.strerror or exc}"
-    return None
 
 
 def config_problems(data: dict, *, check_models: bool = True,
@@ -652,13 +206,6 @@ def load_config(path: str | Path, *, check_models: bool = True) -> DaemonConfig:
     if problems or cfg is None:
         raise ConfigError(str(path), problems)
     return cfg
-
-
-def resolve_state_dir(cfg: DaemonConfig) -> Path:
-    """systemd's StateDirectory= ($STATE_DIRECTORY) wins over the config file; the first
-    entry when systemd lists several."""
-    env = os.environ.get("STATE_DIRECTORY")
-    return Path(env.split(":")[0]) if env else Path(cfg.state_dir)
 
 
 def resolve_mqtt_password(mqtt: MqttConfig) -> str | None:

@@ -12,9 +12,8 @@ from paho.mqtt.properties import Properties
 
 from monitor.audio import iter_windows, to_mono, to_mono_16k
 from monitor.daemon import pcm
-from monitor.daemon.config import MqttConfig, SourceConfig
-from monitor.daemon.mqtt_publisher import (RateLimitedWarning, check_subscription_topic,
-                                           check_topic_part, make_client)
+from monitor.daemon.config import MqttConfig, MqttSourceConfig
+from monitor.daemon.mqtt_publisher import RateLimitedWarning, check_topic_part, make_client
 from monitor.daemon.types import AudioBlock, BlockSink, Window, WindowSink
 from monitor.errors import AudioError, UsageError
 from monitor.logs import get_logger
@@ -30,29 +29,16 @@ class MqttAudioSource:
     """Audio from one MQTT topic: raw PCM chunks (`mode: stream`) or whole WAV clips
     (`mode: window`). The subscription is fixed at start; payloads are untrusted."""
 
-    def __init__(self, config: SourceConfig, mqtt: MqttConfig, *, node: str,
+    def __init__(self, config: MqttSourceConfig, mqtt: MqttConfig, *, node: str,
                  password: str | None, stall_after_s: float = 10.0, queue_max: int = 256,
                  queue_max_bytes: int = QUEUE_MAX_BYTES):
         self.id = check_topic_part(config.id, "source id")
-        where = f"sources[{config.id}]"
-        self.topic = check_subscription_topic(config.topic, f"{where}.topic")
-        if config.mode not in ("stream", "window"):
-            raise UsageError(f"{where}.mode: must be stream or window (got {config.mode!r})")
-        if config.format not in pcm.PCM_FORMATS:
-            raise UsageError(f"{where}.format: must be one of {', '.join(pcm.PCM_FORMATS)} "
-                             f"(got {config.format!r})")
+        # the config's own field limits and rules, for configs built without the loader
+        problems = config.problems(f"sources[{config.id}]")
+        if problems:
+            raise UsageError("; ".join(problems))
+        self.topic = config.topic
         self.rate_hz = config.rate_hz or 16_000
-        if not 8_000 <= self.rate_hz <= 48_000:
-            raise UsageError(f"{where}.rate_hz: must be 8000-48000 (got {self.rate_hz})")
-        if config.channels < 1:
-            raise UsageError(f"{where}.channels: must be >= 1 (got {config.channels})")
-        if config.select_channels is not None and (
-                not config.select_channels
-                or any(not 0 <= c < config.channels for c in config.select_channels)):
-            raise UsageError(f"{where}.select_channels: must be channel indices in "
-                             f"0..{config.channels - 1} (got {list(config.select_channels)})")
-        if config.max_payload_bytes < 1:
-            raise UsageError(f"{where}.max_payload_bytes: must be >= 1")
         self.config = config
         self.stall_after_s = stall_after_s
         self._log = get_logger(stage="mqtt_source", source=self.id)

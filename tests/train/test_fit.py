@@ -129,12 +129,24 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(UsageError, match="train.learning_rat: unknown key"):
         load_train_config(f)
     f.write_text("train:\n  batch_size: many\n")
-    with pytest.raises(UsageError, match="batch_size: expected int"):
+    with pytest.raises(UsageError, match="batch_size: expected an integer"):
         load_train_config(f)
     with pytest.raises(UsageError, match="val_fraction"):
         load_train_config(None, val_fraction=1.5)
     with pytest.raises(UsageError, match="config file not found"):
         load_train_config(tmp_path / "nope.yaml")
+
+
+def test_train_config_reports_every_bad_key_at_once(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rat: 0.1\n  batch_size: 0\n  knn_metric: manhattan\n")
+    with pytest.raises(UsageError) as info:
+        load_train_config(f)
+    assert info.value.problems[0].startswith("train.learning_rat: unknown key (known: ")
+    assert info.value.problems[1:] == [
+        "train.knn_metric: must be one of auto, cosine, euclidean, got 'manhattan'",
+        "train.batch_size: must be >= 1, got 0"]
+    assert str(info.value).startswith(f"{f}: train.learning_rat: unknown key")
 
 
 def test_example_config_loads():

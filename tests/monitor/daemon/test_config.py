@@ -189,3 +189,32 @@ def test_nan_and_infinite_numbers_are_rejected_by_name(tmp_path):
                             "alarm": {"hold_s": float("inf")}})
     assert "sources[0].hop_s: must be a finite number, got nan" in problems, problems
     assert "alarm.hold_s: must be a finite number, got inf" in problems, problems
+
+
+def test_a_key_of_another_source_kind_is_refused_naming_the_kind(tmp_path):
+    problems = problems_of({"sources": [
+        folder_source(tmp_path, topic="a/b"),
+        {"id": "m", "kind": "mic", "model": "x", "watch": True},
+        {"id": "q", "kind": "mqtt", "model": "x", "topic": "a/b", "device": 3}],
+        "mqtt": {}})
+    assert problems == ["sources[0].topic: only an mqtt source takes this key",
+                        "sources[1].watch: only a folder source takes this key",
+                        "sources[2].device: only a mic source takes this key"]
+
+
+def test_several_problems_of_one_file_are_all_reported(tmp_path):
+    from monitor.daemon.config import FolderSourceConfig, MqttSourceConfig
+
+    problems = problems_of({"batch_max": 0, "sources": [
+        folder_source(tmp_path, hop_s=20.0, speed="fast"),
+        {"id": "q", "kind": "mqtt", "model": "x", "topic": "a/+", "channels": 0, "bogus": 1}]})
+    assert "batch_max: must be >= 1, got 0" in problems
+    assert "sources[0].hop_s: must be <= window_s (got 20.0 > 10.0)" in problems
+    assert "sources[0].speed: must be one of max, realtime, got 'fast'" in problems
+    assert any(p.startswith("sources[1].bogus: unknown key (known: ") for p in problems)
+    assert "sources[1].channels: must be >= 1, got 0" in problems
+    assert "sources[1].topic: must not contain MQTT wildcards, got 'a/+'" in problems
+    assert "sources[1].kind: an mqtt source needs the top-level mqtt: section" in problems
+    cfg, _ = config_problems({"sources": [folder_source(tmp_path)]}, check_models=False)
+    assert type(cfg.sources[0]) is FolderSourceConfig
+    assert type(SourceConfig(id="q", kind="mqtt", model="x", topic="a")) is MqttSourceConfig

@@ -1,0 +1,71 @@
+"""The daemon config's plain sections: alarm, mqtt (and its tls), evidence, metrics, web."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AlarmConfig:
+    k: int = 2  # alarm ON after k of the last n windows exceed the threshold
+    n: int = 3
+    hold_s: float = 30.0  # alarm OFF after this long with every window below the threshold
+    # None: from the false-alarm budget and the model's calibrated tail (monitor/calibration.py),
+    # or the artifact's stored threshold for models trained before calibration. For kofn a
+    # score level; for ewma/cusum a level of the statistic (standard deviations of normal scores).
+    threshold: float | None = None
+    false_alarms_per_day: float = 1.0 / 7.0  # the budget: expected false alarms a day, this source
+    rule: str = "kofn"  # kofn | ewma | cusum (monitor/daemon/rules.py)
+    ewma_lambda: float = 0.2  # ewma: weight of the newest window
+    cusum_k: float = 0.5  # cusum: allowance, in standard deviations of normal scores
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+    insecure: bool = False  # skip host name verification (test brokers only)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "harken"
+    username: str | None = None
+    password_file: str | None = None
+    client_id: str | None = None  # default: harken-<node>
+    keepalive_s: int = 30
+    tls: TlsConfig | None = None
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    discovery: bool = False  # Home Assistant MQTT discovery
+    discovery_prefix: str = "homeassistant"
+    outbox_max_events: int = 10_000  # durable outbox bound (events and alarm states)
+    # accept verdicts on <prefix>/<node>/<source>/verdict/set (monitor/daemon/mqtt_verdicts.py)
+    verdicts: bool = False
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    enabled: bool = True
+    max_count: int = 200  # alarm evidence sets kept (WAV + PNG)
+    max_bytes: int = 500_000_000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"  # localhost by default: metrics are not for the whole network
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The operator's page (monitor/daemon/web.py); off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # localhost by default: reading the page needs no token there
+    port: int = 8099
+    token_file: str | None = None  # verdicts need it; else $CREDENTIALS_DIRECTORY/web_token
