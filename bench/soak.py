@@ -14,6 +14,9 @@ daemon's RSS at start and end.
 
 The broker harness is a copy of the few lines of `tests/mosquitto.py` this needs: `bench`
 never imports `tests` (the tests are not installed with harken and their helpers change freely).
+
+One module (about 450 lines): the soak is one script whose threads (recorder, sender, broker
+killer, subscriber) share one run's state and only make sense together.
 """
 
 from __future__ import annotations

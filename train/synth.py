@@ -44,6 +44,9 @@ the same clip can be rendered at several severities:
 Machine parameters (`MachineParams`) are drawn per machine ID from (seed, ID), so IDs differ
 (stroke, speeds, motor, rail resonances, background) but are stable across clips. Every clip is
 seeded from (seed, ID, split, index): the same arguments give byte-identical files.
+
+One module (about 670 lines) on purpose: every part below is a term of one signal model, read
+top to bottom as the list above; split, its parameters would be spread over files.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from monitor.configload import MAX_PROBLEMS_SHOWN, PATH_SHOWN, ConfigError, clip, from_mapping  # noqa: F401
 from monitor.daemon.config_checks import file_problems, model_problems, resolve_state_dir  # noqa: F401
-from monitor.daemon.sections import (AlarmConfig, EvidenceConfig, MetricsConfig,  # noqa: F401
+from monitor.daemon.sections import (AlarmConfig, alarm_problems, EvidenceConfig, MetricsConfig,  # noqa: F401
                                      MqttConfig, TlsConfig, WebConfig)
 from monitor.daemon.source_config import (SOURCE_ID, SOURCE_KINDS, FolderSourceConfig,  # noqa: F401
                                           MicSourceConfig, MqttSourceConfig, SourceConfig,
@@ -83,7 +83,7 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
     check(cfg.watchdog_dead_s > 0, "watchdog_dead_s", f"must be > 0, got {cfg.watchdog_dead_s}")
     check(cfg.stall_after_s > 0, "stall_after_s", f"must be > 0, got {cfg.stall_after_s}")
     check(cfg.jsonl is None or cfg.jsonl != "", "jsonl", "must be a path or '-'")
-    problems += _alarm_problems(cfg.alarm, "alarm")
+    problems += alarm_problems(cfg.alarm, "alarm")
     check(cfg.evidence.max_count >= 1, "evidence.max_count", f"must be >= 1, got {cfg.evidence.max_count}")
     check(cfg.evidence.max_bytes >= 1, "evidence.max_bytes", f"must be >= 1, got {cfg.evidence.max_bytes}")
     check(cfg.reference_max_windows >= 1, "reference_max_windows",
@@ -126,7 +126,7 @@ def validate(cfg: DaemonConfig, check_paths: bool = True) -> list[str]:
             problems.append(f"{p}.kind: unknown source kind {short_repr(s.kind)} (known: {', '.join(SOURCE_KINDS)})")
         problems += s.problems(p, check_paths=check_paths)
         if s.alarm is not None:
-            problems += _alarm_problems(s.alarm, f"{p}.alarm")
+            problems += alarm_problems(s.alarm, f"{p}.alarm")
         if s.kind == "mqtt" and cfg.mqtt is None:
             problems.append(f"{p}.kind: an mqtt source needs the top-level mqtt: section")
     problems += _output_path_problems(cfg)
@@ -158,22 +158,6 @@ def _within(path: Path, folder: Path) -> bool:
     except (ValueError, OSError, RuntimeError):
         return False
     return True
-
-
-def _alarm_problems(a: AlarmConfig, path: str) -> list[str]:
-    out = []
-    if a.n < 1:
-        out.append(f"{path}.n: must be >= 1, got {a.n}")
-    if a.k < 1:
-        out.append(f"{path}.k: must be >= 1, got {a.k}")
-    elif a.k > a.n >= 1:
-        out.append(f"{path}.k: must be <= n (got {a.k} > {a.n})")
-    if a.hold_s < 0:
-        out.append(f"{path}.hold_s: must be >= 0, got {a.hold_s}")
-    from monitor.daemon.thresholds import rule_problems
-
-    out += rule_problems(a, path)
-    return out
 
 
 def read_yaml(path: str | Path) -> dict:

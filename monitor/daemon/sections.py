@@ -69,3 +69,20 @@ class WebConfig:
     host: str = "127.0.0.1"  # localhost by default: reading the page needs no token there
     port: int = 8099
     token_file: str | None = None  # verdicts need it; else $CREDENTIALS_DIRECTORY/web_token
+
+
+def alarm_problems(a: AlarmConfig, path: str) -> list[str]:
+    """Value checks of an `alarm:` section (the daemon's, a source's, or one a window carried)."""
+    out = []
+    if a.n < 1:
+        out.append(f"{path}.n: must be >= 1, got {a.n}")
+    if a.k < 1:
+        out.append(f"{path}.k: must be >= 1, got {a.k}")
+    elif a.k > a.n >= 1:
+        out.append(f"{path}.k: must be <= n (got {a.k} > {a.n})")
+    if a.hold_s < 0:
+        out.append(f"{path}.hold_s: must be >= 0, got {a.hold_s}")
+    from monitor.daemon.thresholds import rule_problems
+
+    out += rule_problems(a, path)
+    return out

@@ -13,13 +13,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
-if TYPE_CHECKING:  # config.py imports this module (through roles/settings.py)
-    from monitor.daemon.config import AlarmConfig
+from monitor.daemon.sections import AlarmConfig, alarm_problems
+
 
 SAMPLE_RATE_HZ = 16000
 MAX_WINDOW_S = 600.0
@@ -67,8 +66,6 @@ def alarm_to_json(alarm: AlarmConfig) -> str:
 
 def alarm_from_json(text: str) -> AlarmConfig:
     """Raise WireError (one line) for settings a capture box's config loader would refuse."""
-    from monitor.daemon.config import AlarmConfig, _alarm_problems
-
     if not isinstance(text, str) or len(text) > MAX_ALARM_CHARS:
         raise WireError(f"alarm settings must be a JSON object of at most {MAX_ALARM_CHARS} chars")
     try:
@@ -91,7 +88,7 @@ def alarm_from_json(text: str) -> AlarmConfig:
         if not ok:
             raise WireError(f"alarm settings: bad {key} {str(value)[:40]!r}")
     alarm = AlarmConfig(**data)
-    problems = _alarm_problems(alarm, "alarm")
+    problems = alarm_problems(alarm, "alarm")
     if problems:
         raise WireError(f"alarm settings: {problems[0]}")
     return alarm
