@@ -31,6 +31,7 @@ class EventWorker(threading.Thread):
                  max_pending_evidence: int = 4):
         super().__init__(name="harken-events", daemon=True)
         self._emit = emit
+        self.max_items = max_items
         self._jobs: queue.Queue[EventJob | None] = queue.Queue(maxsize=max_items)
         self.max_pending_evidence = max_pending_evidence
         self._log = get_logger(stage="events")

@@ -87,4 +87,9 @@ class CaptureEvidence:
                                   "window_start": round(window.start_time_s, 3), "clip": clip,
                                   "image": None})
             self.log.info("evidence_saved", source=source, alarm_id=alarm_id, clip=clip)
+        if self.worker.pending >= self.worker.max_items:  # never block paho's network loop
+            self.missing += 1
+            self.log.warning("evidence_backlog", source=source, alarm_id=alarm_id,
+                             missing=self.missing, pending=self.worker.pending)
+            return
         self.worker.submit_file(write, what="clip", alarm_id=alarm_id)

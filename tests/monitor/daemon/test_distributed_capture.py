@@ -157,3 +157,25 @@ def test_discovery_from_the_capture_box_equals_the_single_box(tmp_path, models_d
         finally:
             role.request_stop()
             thread.join(timeout=30)
+
+
+def test_an_alarm_start_never_blocks_pahos_thread_when_the_event_worker_is_full(tmp_path):
+    """The event worker's queue is full (it is stuck): the clip is counted as missing and the
+    call returns at once, instead of holding up the network loop that delivered it."""
+    from types import SimpleNamespace
+
+    from monitor.daemon.event_worker import EventWorker
+    from monitor.daemon.evidence import EvidenceStore
+    from monitor.daemon.roles.capture_evidence import CaptureEvidence, RecentWindows
+    from monitor.logs import get_logger
+
+    recent = RecentWindows(["s"])
+    recent.keep(SimpleNamespace(source="s", start_time_s=100.0, samples=np.zeros(16000, np.float32)))
+    worker = EventWorker(lambda e: None, max_items=1)  # never started: nothing drains it
+    worker.submit_file(lambda: None, what="clip", alarm_id="earlier")
+    store = EvidenceStore(tmp_path / "evidence")
+    published = []
+    ev = CaptureEvidence(store, recent, worker, lambda s, p: published.append(p), get_logger())
+    ev.on_event("s", json.dumps({"type": "start", "id": "a1", "ts": 100.0,
+                                  "detail": {"window_start": 100.0}}).encode())
+    assert ev.missing == 1 and worker.pending == 1 and not published
