@@ -5,7 +5,9 @@ Dependence. A rule sees consecutive windows; when windows overlap (hop_s < windo
 are not independent. The simulation models a window's score as a monotone function of a moving
 average of m = window_s / hop_s independent hop-sized pieces (latent Gaussian), so neighbouring
 windows correlate by their overlap share (1 - lag / m) and exceedances come in clusters, as
-they do on real streams. Non-overlapping windows are treated as independent.
+they do on real streams. Non-overlapping windows are treated as independent; slow drifts of a
+real machine (warm-up, shifts) make exceedances cluster more, which this model does not know.
+The figures are checked against real replays (tests, `harken evaluate --stream`).
 
 numpy and scipy only: the daemon uses this at start.
 """
