@@ -17,6 +17,8 @@ from monitor.yamlsafe import short_repr
 
 MAX_PROBLEMS_SHOWN = 20
 PATH_SHOWN = 300  # characters of a path an error message prints
+PROBLEM_SHOWN = 240  # characters of one problem (a hostile key or value can be long)
+MESSAGE_SHOWN = 600  # characters of all problems shown together; the rest are counted
 
 
 def clip(text: str, limit: int = PATH_SHOWN) -> str:
@@ -29,9 +31,15 @@ class ConfigError(UsageError):
     def __init__(self, where: str, problems: list[str]):
         self.where = where
         self.problems = list(problems)
-        shown = self.problems[:MAX_PROBLEMS_SHOWN]
+        shown: list[str] = []
+        for problem in self.problems[:MAX_PROBLEMS_SHOWN]:  # the first ones that fit, a count
+            problem = clip(problem, PROBLEM_SHOWN)
+            if shown and sum(len(x) + 2 for x in shown) + len(problem) > MESSAGE_SHOWN:
+                break
+            shown.append(problem)
         more = len(self.problems) - len(shown)
-        super().__init__(f"{where}: " + "; ".join(shown) + (f"; and {more} more" if more else ""))
+        text = "; ".join(shown)
+        super().__init__(f"{where}: " + text + (f"; and {more} more" if more else ""))
 
 
 def from_mapping(cls: type, data: object, path: str, problems: list[str]):

@@ -203,8 +203,9 @@ class MqttAudioSource:
         start_s = ts if ts is not None else arrival_s - frames.shape[0] / self.rate_hz
         if discontinuity:
             self._resampler.reset()  # nothing is filtered across a gap
-        # The resampler holds back a few input samples: its output starts that much earlier.
-        start_s -= self._resampler.lag_s
+        # The resampler holds back a few input samples: its output starts that much earlier
+        # (never before the epoch: a sender whose clock starts at ts 0 gets 0).
+        start_s = max(0.0, start_s - self._resampler.lag_s)
         mono = self._resampler.push(x)
         self._broken = False
         self._last_audio_mono = time.monotonic()

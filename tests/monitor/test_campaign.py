@@ -105,6 +105,16 @@ def _source(**kw):
     return src, out
 
 
+def test_a_chunk_stamped_at_ts_0_never_starts_before_the_epoch():
+    """Resampled from 8 kHz, the output starts a resampler lag before the chunk's ts: at ts 0
+    that would be negative (found by the fuzz test below)."""
+    src, blocks = _source(format="s16le", channels=1, rate_hz=8000)
+    src._handle_chunk(b"\x00\x00" * 800, [("ts", "0")], time.time())
+    src._handle_chunk(b"\x00\x00" * 800, [("ts", "0.1")], time.time())
+    assert [b.start_time_s >= 0.0 for b in blocks] == [True, True]
+    assert blocks[1].start_time_s > blocks[0].start_time_s
+
+
 _prop_value = st.one_of(st.integers(-2**66, 2**66).map(str), st.floats().map(repr),
                         st.text(max_size=20), st.just("1e300"), st.just("nan"))
 _props = st.lists(st.tuples(st.sampled_from(["seq", "ts", "other", "SEQ"]), _prop_value), max_size=4)

@@ -218,3 +218,13 @@ def test_several_problems_of_one_file_are_all_reported(tmp_path):
     cfg, _ = config_problems({"sources": [folder_source(tmp_path)]}, check_models=False)
     assert type(cfg.sources[0]) is FolderSourceConfig
     assert type(SourceConfig(id="q", kind="mqtt", model="x", topic="a")) is MqttSourceConfig
+
+
+def test_many_long_problems_stay_one_short_line_and_the_rest_are_counted():
+    from monitor.configload import ConfigError
+
+    problems = [f"train.k{i}: unknown key " + "x" * 400 for i in range(30)]
+    text = str(ConfigError("/some/train.yaml", problems))
+    assert "\n" not in text and len(text) < 1000
+    shown = text.count("unknown key")
+    assert 1 <= shown < 30 and text.endswith(f"; and {30 - shown} more")
