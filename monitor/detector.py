@@ -62,6 +62,7 @@ class Detector:
         # Pinned host memory lets the copy to the GPU overlap; pointless (and slower) on the CPU.
         self.pin_memory = device.type == "cuda"
         self.encoder = encoder
+        self.vector_is_image = bool(getattr(encoder, "vector_is_image", False))
         if compile:
             # Optional; on CUDA "reduce-overhead" also captures CUDA graphs for each fixed batch
             # shape. Untested on a GPU here (no GPU on the development machine).
@@ -216,9 +217,15 @@ class Detector:
         err = recon.errors(f)[0]
         if recon.needs_map:
             return err.cpu().numpy()
-        if self.manifest.encoder["name"] in ("mel", "conv"):
+        if self.vector_is_image:
             return err.reshape(128, -1).cpu().numpy()
         return None
+
+    @property
+    def reconstructs_image(self) -> bool:
+        """Whether `error_map` gives a map: a recon scorer over a map or over the image itself."""
+        recon = self.scorers.get("recon")
+        return recon is not None and (recon.needs_map or self.vector_is_image)
 
 
 def load_tuned_encoder(encoder: Encoder, tensors: dict[str, torch.Tensor]) -> None:

@@ -34,13 +34,13 @@ from monitor.daemon.route import EventOutput, ScoredRoute
 from monitor.daemon.sensor import SensorFaultMonitor
 from monitor.daemon.source_alarms import SourceAlarms
 from monitor.daemon.stats import StatsReporter
-from monitor.daemon.types import AlarmEvent, AudioBlock, Publisher, Source, Window
+from monitor.daemon.types import AlarmEvent, AudioBlock, Publisher, ScoringModel, Source, Window
 from monitor.logs import get_logger
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig, *, publisher: Publisher | None = None,
-                 detectors: Mapping[str, object] | None = None,
+                 detectors: Mapping[str, ScoringModel] | None = None,
                  sources: Mapping[str, Source] | None = None,
                  notifier: SystemdNotifier | None = None, state_dir: Path | None = None):
         """The keyword arguments replace real parts in tests and benchmarks (a fake slow
@@ -56,7 +56,7 @@ class Daemon:
         self._given_detectors = detectors
         self._given_sources = sources
         self.publisher: Publisher | None = None
-        self.detectors: dict[str, object] = {}
+        self.detectors: dict[str, ScoringModel] = {}
         self.sources: dict[str, Source] = {}
         self.rings: dict[str, RingBuffer] = {}
         self.alarms: dict[str, AlarmStateMachine] = {}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitor.daemon.types import Window
+from monitor.daemon.types import ScoringModel, Window
 from monitor.logs import get_logger
 
 
@@ -96,7 +96,7 @@ class InferenceWorker(threading.Thread):
     """Scores windows from `queue` with `detectors[model_key]`; hands each result to `on_scored`
     (alarms, publishing) on this thread, in queue order."""
 
-    def __init__(self, queue: WindowQueue, detectors: Mapping[str, object], *,
+    def __init__(self, queue: WindowQueue, detectors: Mapping[str, ScoringModel], *,
                  on_scored: Callable[[ScoredWindow], None], batch_max: int = 32,
                  idle_wait_s: float = 0.2,
                  threshold_overrides: Mapping[str | tuple[str, int], float] | None = None):

@@ -26,7 +26,7 @@ from monitor.daemon.inference import ScoredWindow
 from monitor.daemon.metrics import DaemonMetrics
 from monitor.daemon.ratelimit import RateLimitedWarning
 from monitor.daemon.sensor import SensorFaultMonitor
-from monitor.daemon.types import AlarmEvent, Publisher, Score
+from monitor.daemon.types import AlarmEvent, Publisher, Score, ScoringModel
 
 if TYPE_CHECKING:  # torch, soundfile and plotting only where the daemon builds them
     from monitor.daemon.episode import EpisodeRecorder
@@ -79,7 +79,7 @@ class ScoredRoute:
                  evidence: EvidenceStore | None, episodes: EpisodeRecorder | None,
                  learning: LearningSources | None,
                  sensor_faults: Mapping[str, SensorFaultMonitor], exposure: Exposure,
-                 hop_s: Mapping[str, float], detectors: Mapping[str, object],
+                 hop_s: Mapping[str, float], detectors: Mapping[str, ScoringModel],
                  stop: threading.Event, log):
         self.publisher = publisher
         self.metrics = metrics

@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from monitor.daemon.alarm import AlarmStateMachine
 from monitor.daemon.config import DaemonConfig, SourceConfig
 from monitor.daemon.exposure import Exposure
+from monitor.daemon.types import ScoringModel
 
 
 class SourceAlarms:
-    def __init__(self, config: DaemonConfig, detectors: Mapping[str, object],
+    def __init__(self, config: DaemonConfig, detectors: Mapping[str, ScoringModel],
                  alarms: dict[str, AlarmStateMachine], exposure: Exposure, log):
         self.config = config
         self.node = config.node

@@ -96,6 +96,29 @@ class AlarmEvent:
         return out
 
 
+class ScoringModel(Protocol):
+    """What the daemon calls on a model (monitor/detector.py's Detector; test doubles too)."""
+
+    name: str
+    window_s: float
+
+    def score_windows(self, windows: np.ndarray, machine_ids) -> np.ndarray:
+        """(batch, samples) 16 kHz windows -> (batch,) anomaly scores."""
+        ...
+
+    def threshold_for(self, machine_id: int | None) -> float:
+        ...
+
+    def log_mel(self, window: np.ndarray) -> np.ndarray:
+        """(samples,) -> (n_mels, frames), for evidence images."""
+        ...
+
+    def error_map(self, window: np.ndarray, machine_id: int | None = None) -> np.ndarray | None:
+        """The reconstruction error over the log-mel image; None for models that do not
+        reconstruct one."""
+        ...
+
+
 class Publisher(Protocol):
     """A sink for everything the daemon reports (JSONL file, MQTT broker). Calls must not
     block for long: they are made from the inference worker's thread."""

@@ -25,6 +25,9 @@ class Encoder(Protocol):
 
     name: str
     embedding_dim: int
+    # True when the embedding is the flattened (n_mels, frames) log-mel image itself, so that a
+    # reconstruction error over it is an error map (read with getattr: False when absent)
+    vector_is_image: bool
 
     def __call__(self, waves: torch.Tensor) -> Embedding:  # waves: (batch, samples)
         ...

@@ -17,6 +17,8 @@ class MelImageEncoder(nn.Module):
     """`mel`; registered a second time as `conv`, the from-scratch convolutional autoencoder's
     input: same image, which the cnn decoder's learnt stem then encodes."""
 
+    vector_is_image = True  # the embedding is the (n_mels, image_frames) image, flattened
+
     def __init__(self, params: MelParams = MelParams(), image_frames: int = 64, name: str = "mel"):
         super().__init__()
         self.name = name

@@ -63,6 +63,7 @@ def test_distance_scorers_and_fusion(tone_data, tmp_path):
     fit_model(tone_data, tmp_path / "d", cfg, device="cpu", progress=False)
     det = Detector.load(tmp_path / "d", device="cpu")
     assert set(det.scorers) == {"knn", "mahalanobis"}
+    assert not det.reconstructs_image and det.error_map(np.zeros(160000, np.float32)) is None
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["fusion"]["method"] == "max"
     assert manifest["threshold"]["method"] == "quantile"  # fused z-scores are not gamma
@@ -193,6 +194,7 @@ def test_every_decoder_trains_saves_and_scores(tone_data, tmp_path, encoder, dec
     scores = det.score_windows(windows)
     assert scores.shape == (2,) and np.all(np.isfinite(scores)) and np.all(scores > 0)
     emap = det.error_map(windows[0])
+    assert det.reconstructs_image  # said by the encoder and scorer, not by the encoder's name
     if decoder == "cnn":
         assert emap.shape == (128, 64)
         # the error map is the score's per-cell breakdown
