@@ -51,8 +51,13 @@ def main(argv=None) -> int:
     print(f"{len(s)} unseen healthy scores: tail shape {xi:.2f}, scale {sigma:.2f}, "
           f"q99 {np.quantile(s, 0.99):.2f}, {100 * (1 - P_WINDOW):g}th percentile {truth:.2f}")
     if cal is not None:
+        own = float(cal.isf(P_WINDOW))
         print(f"the model's calibration: {cal.n_scores} scores, shape {cal.xi:.2f}, "
-              f"scale {cal.sigma:.2f}, max {cal.scores.max():.2f}")
+              f"scale {cal.sigma:.2f}, max {cal.scores.max():.2f}; median "
+              f"{np.median(cal.scores):.2f} and q90 {np.quantile(cal.scores, 0.9):.2f} against "
+              f"{np.median(s):.2f} and {np.quantile(s, 0.9):.2f} unseen")
+        print(f"its own threshold at that exceedance: {own:.2f}, below the subsamples' in "
+              f"{100 * np.mean(own < fitted):.0f} % of them")
     print(f"from {SUBSAMPLE}-score subsamples: threshold median {np.median(fitted):.2f} "
           f"(p10 {np.quantile(fitted, 0.1):.2f}, p90 {np.quantile(fitted, 0.9):.2f}); below the "
           f"whole sample's in {100 * np.mean(fitted < truth):.0f} % of them")
