@@ -8,13 +8,15 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from monitor.audio import MAX_RATE_HZ, MIN_RATE_HZ
 from monitor.configload import clip, from_mapping, limit_problems, limited
+from monitor.daemon.pcm import PCM_FORMATS
 from monitor.daemon.sections import AlarmConfig
 from monitor.yamlsafe import short_repr
 
 SOURCE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 SPEEDS = ("max", "realtime")
-AUDIO_FORMATS = ("s16le", "f32le")
+AUDIO_FORMATS = tuple(PCM_FORMATS)
 MQTT_MODES = ("stream", "window")
 DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\s*$")
 DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -28,8 +30,6 @@ def duration_s(value: float | str) -> float:
     if m is None:
         raise ValueError(value)
     return float(m.group(1)) * DURATION_UNITS_S[m.group(2) or "s"]
-
-
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class FolderSourceConfig(SourceConfig):
 class _StreamSourceConfig(SourceConfig):
     """Live audio: a sample rate and channels to mix down."""
 
-    rate_hz: int | None = limited(None, within=(8000, 48000))  # None: the kind's default
+    rate_hz: int | None = limited(None, within=(MIN_RATE_HZ, MAX_RATE_HZ))  # None: the kind's default
     channels: int = limited(1, ge=1)  # in the stream (mic: opened; mqtt: interleaved in payloads)
     select_channels: tuple[int, ...] | None = None  # which channels to mix down; None: all
 

@@ -8,6 +8,7 @@ box's) as one canonical JSON object. A message without `alarm` (an older capture
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -59,13 +60,18 @@ def valid_model_name(name: str) -> bool:
     return bool(_MODEL_NAME.match(name)) and ".." not in name
 
 
+@functools.lru_cache(maxsize=1024)
 def alarm_to_json(alarm: AlarmConfig) -> str:
-    """Canonical text: equal settings give equal text, so they share one resolved rule."""
+    """Canonical text: equal settings give equal text, so they share one resolved rule. Cached:
+    every window of a source carries the same settings."""
     return json.dumps(dataclasses.asdict(alarm), sort_keys=True, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=1024)
 def alarm_from_json(text: str) -> AlarmConfig:
-    """Raise WireError (one line) for settings a capture box's config loader would refuse."""
+    """Raise WireError (one line) for settings a capture box's config loader would refuse.
+    Cached (worker and alarm stage see the same few texts on every window and score); a
+    refused text is not cached and is checked again."""
     if not isinstance(text, str) or len(text) > MAX_ALARM_CHARS:
         raise WireError(f"alarm settings must be a JSON object of at most {MAX_ALARM_CHARS} chars")
     try:

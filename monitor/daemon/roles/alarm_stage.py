@@ -21,7 +21,6 @@ role that drives them are read together; each part is small.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import threading
 import time
@@ -71,7 +70,6 @@ class AlarmStage:
         self.alarm = alarm
         self._resolve_fn = resolve
         self._resolved: dict[RuleKey, object | None] = {}
-        self._settings: dict[str | None, AlarmConfig] = {None: alarm}
         self.emit = emit
         self.reorder_window = reorder_window
         self.reorder_timeout_s = reorder_timeout_s
@@ -92,10 +90,9 @@ class AlarmStage:
         return self._resolved[key]
 
     def settings(self, text: str | None) -> AlarmConfig:
-        """Carried alarm settings (already checked by check_message), parsed once per text."""
-        if text not in self._settings:
-            self._settings[text] = windowwire.alarm_from_json(text)
-        return self._settings[text]
+        """Carried alarm settings (already checked by check_message; parsed once per text by
+        windowwire's cache), else the stage's own."""
+        return self.alarm if text is None else windowwire.alarm_from_json(text)
 
     def _new_track(self, node: str, source: str, rule_key: RuleKey) -> SourceTrack:
         r = self.resolved(rule_key)
@@ -231,9 +228,9 @@ def check_message(msg) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
 def _alarm_problem(text: str) -> str | None:
-    """Sources repeat their settings in every score: each distinct text is checked once."""
+    """Why carried settings are refused, or None (good texts are parsed once: windowwire caches
+    them)."""
     try:
         windowwire.alarm_from_json(text)
     except windowwire.WireError as exc:
