@@ -43,6 +43,7 @@ class RuleSpec:
     hold_s: float = 30.0
     ewma_lambda: float = 0.2
     cusum_k: float = 0.5
+    score_cap: float | None = None  # ewma/cusum: standardised scores clipped at this level
 
 
 def hold_windows(hold_s: float, hop_s: float) -> int:
@@ -114,6 +115,8 @@ class RuleSimulator:
             for lat in self._chunks:
                 scores = t.isf(ndtr(-lat))  # latent -> score with the same exceedance chance
                 z = (scores - t.mean) / t.std
+                if spec.score_cap is not None:
+                    z = np.minimum(z, spec.score_cap)
                 if spec.rule == "ewma":
                     stat = ewma_series(z, spec.ewma_lambda)
                     # carry the state over the chunk edge: E continues from the last value

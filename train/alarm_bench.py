@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from monitor.daemon.config import AlarmConfig
-from monitor.daemon.thresholds import resolve_for_detector
+from monitor.daemon.thresholds import effective_rule, resolve_for_detector
 from train.stream_eval import StreamScores, stream_figures, sweep, write_tradeoff
 
 IDS = (0, 1, 2)
@@ -34,6 +34,10 @@ LEAD_IN_CLIPS = 6
 FAULT_CLIPS = 12
 SEVERITIES = (0.5, 0.625, 0.75, 0.875, 1.0)
 BATCH = 64
+# the daemon's rules at their default settings, and the ewma without its score cap (what the
+# cap buys: monitor/daemon/rules.py)
+RULES = {"kofn": AlarmConfig(rule="kofn"), "ewma": AlarmConfig(rule="ewma"),
+         "cusum": AlarmConfig(rule="cusum"), "ewma_uncapped": AlarmConfig(rule="ewma", score_cap=None)}
 
 
 def _score_clips(detector, clips, machine_id: int) -> np.ndarray:
@@ -98,9 +102,9 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
 
     result = {"seed": seed, "hours_per_id": hours, "ids": list(IDS), "snr_db": SNR_DB,
               "model": str(model), "calibration": (detector.manifest.calibration or {}).get("known_id")}
-    for rule in ("kofn", "ewma", "cusum"):
-        a = AlarmConfig(rule=rule)
-        result[rule] = stream_figures(normal, faulty, resolve_at(a), a.hold_s)
+    result["default_rule"] = effective_rule(alarm, detector.calibration is not None)
+    for name, a in RULES.items():
+        result[name] = stream_figures(normal, faulty, resolve_at(a), a.hold_s)
     result["seconds"] = round(time.monotonic() - t0, 1)
     return result, (normal, faulty, alarm, resolve_at, detector.name)
 
@@ -124,9 +128,10 @@ def main(argv=None) -> int:
         return 0
     print(f"seed {args.seed}: {result['hours_per_id']:g} h healthy x {len(IDS)} IDs, "
           f"{len(faulty)} faulty streams (severity 0.5-1), {result['seconds']} s")
-    for rule in ("kofn", "ewma", "cusum"):
+    for rule in RULES:
         r = result[rule]
-        print(f"  {rule:5s}: false alarm episodes {r['false_alarm_episodes']} in "
+        mark = " (default)" if rule == result["default_rule"] else ""
+        print(f"  {rule}{mark}: false alarm episodes {r['false_alarm_episodes']} in "
               f"{r['normal_hours']:g} h (expected {r['expected_false_alarms_per_day'] * r['normal_hours'] / 24:.2f}; "
               f"{r['observed_false_alarms_per_day']:.3f}/day observed vs "
               f"{r['expected_false_alarms_per_day']:.3f}/day expected); window FPR {r['window_fpr']:.5f} "

@@ -259,7 +259,9 @@ def register(sub, weights_actions: dict) -> None:
                    help="DATA has normal/ and streams/<name>/: replay them as continuous streams "
                         "through the daemon's alarm code (false alarms/day, detection delay)")
     e.add_argument("--hop-s", type=float, default=10.0, help="--stream: window hop (default 10)")
-    e.add_argument("--rule", default="kofn", help="--stream: kofn | ewma | cusum")
+    e.add_argument("--rule", default="auto",
+                   help="--stream: auto (the daemon's default: ewma on a calibrated model) | "
+                        "kofn | ewma | cusum")
     e.add_argument("--false-alarms-per-day", type=float, default=None,
                    help="--stream: the budget (default: the daemon's, one a week)")
     e.set_defaults(func=cmd_evaluate)

@@ -23,7 +23,7 @@ import soundfile as sf
 
 from monitor.calibration import SECONDS_PER_DAY
 from monitor.daemon.alarm import AlarmStateMachine
-from monitor.daemon.thresholds import ResolvedAlarm, resolve_for_detector
+from monitor.daemon.thresholds import ResolvedAlarm, effective_rule, resolve_for_detector
 from monitor.daemon.types import Score
 from monitor.errors import UsageError
 from monitor.labels import ANOMALY, find_audio, parse_clip
@@ -196,7 +196,8 @@ def evaluate_streams(model: str | Path, data: str | Path, alarm, *, hop_s: float
         return lambda mid: resolve_for_detector(detector, a, hop_s=hop_s, machine_id=mid)
 
     out = stream_figures(normal, faulty, resolve_at(alarm), alarm.hold_s)
-    out.update({"model": detector.name, "rule": alarm.rule, "hop_s": hop_s,
+    rule = effective_rule(alarm, getattr(detector, "calibration", None) is not None)
+    out.update({"model": detector.name, "rule": rule, "hop_s": hop_s,
                 "budget_per_day": alarm.false_alarms_per_day, "skipped_files": skipped})
     if report:
         out["report"] = {"tradeoff": str(write_tradeoff(
@@ -228,7 +229,7 @@ def write_tradeoff(path: Path, curves: dict[str, list[dict]], title: str) -> Pat
     for rule, rows in curves.items():
         xs = [r["expected_false_alarms_per_day"] for r in rows]
         ys = [r["delay_s_median"] if r["delay_s_median"] is not None else np.nan for r in rows]
-        line, = ax.plot(xs, ys, "o-", label=rule)
+        line, = ax.plot(xs, ys, "o-", label=f"{rule} (default)" if rule == "ewma" else rule)
         share = [100 * (r["streams_alarmed_within_60s"] or 0.0) for r in rows]
         ax2.plot(xs, share, "o-", color=line.get_color(), label=f"{rule} (expected)")
         obs = [r["observed_false_alarms_per_day"] for r in rows]
@@ -276,7 +277,8 @@ def clip_alarm_figures(detector, rows: list[dict], alarm=None) -> dict:
             normal.append(StreamScores(f"normal-{mid}", mid, np.arange(len(s)) * hop, s, hop,
                                        len(s) * hop))
     out = stream_figures(normal, [], resolve, alarm.hold_s)
-    return {"rule": alarm.rule, "budget_per_day": alarm.false_alarms_per_day,
+    return {"rule": effective_rule(alarm, getattr(detector, "calibration", None) is not None),
+            "budget_per_day": alarm.false_alarms_per_day,
             "window_fpr": out["window_fpr"],
             "window_tpr": tp / n_anomalous if n_anomalous else None,
             "normal_hours": out["normal_hours"], "false_alarm_episodes": out["false_alarm_episodes"],

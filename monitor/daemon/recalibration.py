@@ -19,9 +19,13 @@ source's `false_alarms_per_day` (the same simulation of the alarm rule as at sta
 budget / factor), never below the no-verdict threshold and never above the largest judged score.
 
 How loud a judged sound was does not matter: a threshold raised to the loudest false alarm would
-make the source deaf to every quieter fault. An explicit `alarm.threshold`, a model without a
-calibrated tail and the ewma / cusum rules (their threshold is a level of a statistic, not of a
-score) keep the no-verdict threshold.
+make the source deaf to every quieter fault. An explicit `alarm.threshold` and a model without a
+calibrated tail keep the no-verdict threshold.
+
+For ewma and cusum the threshold is a level of the rule's statistic, so "reached" and "the
+largest judged" are taken on that statistic: the rule run over the verdict's windows starting
+from the threshold itself (the alarm was on at its first window), scores capped as the rule
+caps them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import numpy as np
 from monitor.daemon.thresholds import ResolvedAlarm, resolve_for_detector
 from monitor.overlay import with_reference
+from monitor.rulesim import ewma_series
 from monitor.scorers import Features
 
 PRIOR_EPISODES = 1.0  # gamma prior on (true rate / calibrated rate): mean 1, one episode's weight
@@ -58,6 +63,24 @@ def judged_scores(detector, overlay) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def peak_statistic(resolved: ResolvedAlarm, scores: np.ndarray) -> float:
+    """The highest level a verdict's windows took the rule's statistic to: the score itself
+    for kofn; for ewma / cusum the statistic started at the threshold (the alarm was on)."""
+    if resolved.rule == "kofn":
+        return float(np.max(scores))
+    z = (scores - resolved.mean) / resolved.std
+    if resolved.score_cap is not None:
+        z = np.minimum(z, resolved.score_cap)
+    h = resolved.threshold
+    if resolved.rule == "ewma":
+        lam = resolved.ewma_lambda
+        stat = ewma_series(z, lam) + h * (1.0 - lam) ** np.arange(1, len(z) + 1)
+    else:
+        c = np.cumsum(z - resolved.cusum_k)
+        stat = c - np.minimum(np.minimum.accumulate(c), -h)  # Lindley from S_0 = h
+    return float(np.max(stat))
+
+
 def rate_factor(false_alarms: int, expected: float) -> float:
     """Posterior mean of true / calibrated false-alarm rate after `false_alarms` confirmed
     where the calibration expected `expected`."""
@@ -70,11 +93,11 @@ def recalibrate(detector, overlay, alarm, *, hop_s: float, machine_id: int | Non
     detector: the source's model without the overlay; exposure_days: audio the source has
     been scored on."""
     if (getattr(detector, "calibration", None) is None or no_verdict.origin != "budget"
-            or no_verdict.rule != "kofn" or overlay.windows == 0
+            or overlay.windows == 0
             or no_verdict.expected_per_day is None or no_verdict.budget_per_day is None):
         return no_verdict
-    peaks = [float(np.max(s[np.isfinite(s)])) for s in judged_by_verdict(detector, overlay)
-             if np.isfinite(s).any()]
+    peaks = [peak_statistic(no_verdict, s[np.isfinite(s)])
+             for s in judged_by_verdict(detector, overlay) if np.isfinite(s).any()]
     false_alarms = sum(p >= no_verdict.threshold for p in peaks)
     expected = no_verdict.expected_per_day * max(0.0, exposure_days)
     factor = rate_factor(false_alarms, expected)

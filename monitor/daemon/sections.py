@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from monitor.daemon.rules import DEFAULT_K, DEFAULT_N
+
 
 @dataclass(frozen=True)
 class AlarmConfig:
-    k: int = 2  # alarm ON after k of the last n windows exceed the threshold
-    n: int = 3
+    k: int = DEFAULT_K  # kofn: alarm ON after k of the last n windows exceed the threshold (2)
+    n: int = DEFAULT_N  # (3)
     hold_s: float = 30.0  # alarm OFF after this long with every window below the threshold
     # None: from the false-alarm budget and the model's calibrated tail (monitor/calibration.py),
     # or the artifact's stored threshold for models trained before calibration. For kofn a
     # score level; for ewma/cusum a level of the statistic (standard deviations of normal scores).
     threshold: float | None = None
     false_alarms_per_day: float = 1.0 / 7.0  # the budget: expected false alarms a day, this source
-    rule: str = "kofn"  # kofn | ewma | cusum (monitor/daemon/rules.py)
+    # auto | kofn | ewma | cusum (monitor/daemon/rules.py). auto: ewma on a model with a
+    # calibrated tail; kofn where the config sets a score `threshold` or its own k / n, or the
+    # model has no tail
+    rule: str = "auto"
     ewma_lambda: float = 0.2  # ewma: weight of the newest window
     cusum_k: float = 0.5  # cusum: allowance, in standard deviations of normal scores
+    # ewma/cusum: a window's standardised score counts at most this much (None: uncapped), so
+    # one loud healthy window (a dropped tool) cannot start an alarm, a lasting shift still adds up
+    score_cap: float | None = 3.0
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ budget `alarm.false_alarms_per_day` through the calibrated tail, else the stored
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from monitor.calibration import SECONDS_PER_DAY, Calibration, load_calibration
 from monitor.rulesim import RuleSimulator, RuleSpec
-from monitor.daemon.rules import RULES, AlarmRule, CusumRule, EwmaRule, KOfNRule
+from monitor.daemon.rules import DEFAULT_K, DEFAULT_N, RULE_CHOICES, AlarmRule, CusumRule, EwmaRule, KOfNRule
 from monitor.errors import UsageError
 
 if TYPE_CHECKING:
@@ -39,18 +40,22 @@ class ResolvedAlarm:
     n: int
     ewma_lambda: float
     cusum_k: float
-    tail: str  # what the expectation rests on
+    tail: str
+    score_cap: float | None = None  # what the expectation rests on
 
     def build_rule(self) -> AlarmRule:
         if self.rule == "ewma":
-            return EwmaRule(mean=self.mean, std=self.std, lam=self.ewma_lambda, h=self.threshold)
+            return EwmaRule(mean=self.mean, std=self.std, lam=self.ewma_lambda, h=self.threshold,
+                            cap=self.score_cap)
         if self.rule == "cusum":
-            return CusumRule(mean=self.mean, std=self.std, k_ref=self.cusum_k, h=self.threshold)
+            return CusumRule(mean=self.mean, std=self.std, k_ref=self.cusum_k, h=self.threshold,
+                             cap=self.score_cap)
         return KOfNRule(self.k, self.n)
 
     def describe(self) -> str:
-        what = {"kofn": f"{self.k} of {self.n}", "ewma": f"ewma lambda {self.ewma_lambda:g}",
-                "cusum": f"cusum k {self.cusum_k:g}"}[self.rule]
+        cap = "" if self.score_cap is None else f", cap {self.score_cap:g}"
+        what = {"kofn": f"{self.k} of {self.n}", "ewma": f"ewma lambda {self.ewma_lambda:g}{cap}",
+                "cusum": f"cusum k {self.cusum_k:g}{cap}"}[self.rule]
         where = ("alarm.threshold in the config" if self.origin == "config"
                  else f"budget {self.budget_per_day:.4g}/day" if self.origin == "budget"
                  else "the model's stored threshold (no calibrated tail)")
@@ -69,8 +74,9 @@ class ResolvedAlarm:
 def rule_problems(alarm, path: str) -> list[str]:
     """Value checks of the rule keys of an AlarmConfig (config.validate calls this)."""
     out = []
-    if alarm.rule not in RULES:
-        out.append(f"{path}.rule: must be one of {', '.join(RULES)}, got {str(alarm.rule)[:40]!r}")
+    if alarm.rule not in RULE_CHOICES:
+        out.append(f"{path}.rule: must be one of {', '.join(RULE_CHOICES)}, "
+                   f"got {str(alarm.rule)[:40]!r}")
     if not 0 < alarm.false_alarms_per_day <= MAX_BUDGET_PER_DAY:
         out.append(f"{path}.false_alarms_per_day: must be > 0 and <= {MAX_BUDGET_PER_DAY:g}, "
                    f"got {alarm.false_alarms_per_day}")
@@ -78,10 +84,28 @@ def rule_problems(alarm, path: str) -> list[str]:
         out.append(f"{path}.ewma_lambda: must be in (0, 1], got {alarm.ewma_lambda}")
     if alarm.cusum_k < 0:
         out.append(f"{path}.cusum_k: must be >= 0, got {alarm.cusum_k}")
+    cap = getattr(alarm, "score_cap", None)
+    if cap is not None and not cap > 0:
+        out.append(f"{path}.score_cap: must be > 0 (standard deviations of normal scores) or "
+                   f"null for no cap, got {cap}")
+    elif cap is not None and alarm.rule == "cusum" and cap <= alarm.cusum_k:
+        out.append(f"{path}.score_cap: must be above cusum_k ({alarm.cusum_k:g}), or the sum "
+                   f"can never grow; got {cap}")
     if alarm.rule in ("ewma", "cusum") and alarm.threshold is not None and alarm.threshold <= 0:
         out.append(f"{path}.threshold: an {alarm.rule} threshold is a level of its statistic "
                    f"and must be > 0, got {alarm.threshold}")
     return out
+
+
+def effective_rule(alarm, calibrated: bool) -> str:
+    """The rule `auto` stands for: ewma where the model's calibrated tail can set its level
+    from the budget; kofn where the config gives a score threshold (a level of a score, not of
+    a statistic) or its own k / n (other than the default 2 of 3), or the model has no tail
+    (only a stored score threshold)."""
+    if alarm.rule != "auto":
+        return alarm.rule
+    own_kofn = (alarm.k, alarm.n) != (DEFAULT_K, DEFAULT_N)
+    return "ewma" if calibrated and alarm.threshold is None and not own_kofn else "kofn"
 
 
 def resolve_alarm(calibration: Calibration | None, stored_threshold: float, alarm, *,
@@ -91,10 +115,12 @@ def resolve_alarm(calibration: Calibration | None, stored_threshold: float, alar
 
     stored_threshold: the artifact's threshold for this machine ID; normal_summary: the
     manifest's `normal_scores` (mean, std) used to standardise when there is no calibration."""
-    spec = RuleSpec(alarm.rule, alarm.k, alarm.n, alarm.hold_s, alarm.ewma_lambda, alarm.cusum_k)
+    alarm = dataclasses.replace(alarm, rule=effective_rule(alarm, calibration is not None))
+    spec = RuleSpec(alarm.rule, alarm.k, alarm.n, alarm.hold_s, alarm.ewma_lambda, alarm.cusum_k,
+                    alarm.score_cap)
     budget = float(alarm.false_alarms_per_day)
     common = dict(rule=alarm.rule, k=alarm.k, n=alarm.n, ewma_lambda=alarm.ewma_lambda,
-                  cusum_k=alarm.cusum_k)
+                  cusum_k=alarm.cusum_k, score_cap=alarm.score_cap)
     if calibration is None:
         if alarm.rule != "kofn" and alarm.threshold is None:
             raise UsageError(f"alarm.rule {alarm.rule} needs a model with a calibrated tail "
@@ -165,7 +191,7 @@ def source_alarm_lines(cfg) -> tuple[list[str], list[str]]:
             continue
         if getattr(s, "learn_for", None) is not None:  # the tail comes from the live stream
             lines.append(f"  {s.id}: learns for {s.learn_for} (or reuses its enrolment in the "
-                         f"state directory), then alarms by rule {alarm.rule} at the threshold "
+                         f"state directory), then alarms by rule {effective_rule(alarm, True)} at the threshold "
                          "of its own enrolled tail")
             continue
         lines.append(f"  {s.id}: {r.describe()}")

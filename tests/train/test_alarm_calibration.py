@@ -100,7 +100,7 @@ def test_alarm_config_errors_are_one_line_each(tmp_path, stats_model):
     r = harken("check-config", "--no-models", str(_config(tmp_path, stats_model, bad)))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert any("sources[0].alarm.rule: must be one of kofn, ewma, cusum" in ln for ln in lines)
+    assert any("sources[0].alarm.rule: must be one of auto, kofn, ewma, cusum" in ln for ln in lines)
     assert any("sources[0].alarm.false_alarms_per_day: must be > 0" in ln for ln in lines)
     assert any("sources[0].alarm.ewma_lambda: must be in (0, 1]" in ln for ln in lines)
     assert "Traceback" not in r.stderr
@@ -148,7 +148,8 @@ def test_the_daemon_alarms_at_the_threshold_its_budget_gives(stats_model, tmp_pa
     from monitor.daemon.rules import CusumRule
     from monitor.daemon.thresholds import resolve_for_detector
 
-    for alarm, rule_type in (({"false_alarms_per_day": 1.0}, "KOfNRule"),
+    for alarm, rule_type in (({"false_alarms_per_day": 1.0}, "EwmaRule"),  # auto, calibrated
+                             ({"false_alarms_per_day": 1.0, "rule": "kofn"}, "KOfNRule"),
                              ({"false_alarms_per_day": 1.0, "rule": "cusum"}, "CusumRule")):
         cfg = load_config(_config(tmp_path, stats_model, alarm))
         daemon = Daemon(cfg, state_dir=tmp_path / "state")

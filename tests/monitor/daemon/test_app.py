@@ -43,7 +43,7 @@ def test_alarm_starts_within_k_windows_and_ends_after_hold(tone_data, tiny_model
     k, n, hold_s = 2, 3, 20.0
     cfg = write_config(tmp_path, tiny_model, [
         {"id": "slider3", "kind": "folder", "path": str(seq), "model": str(tiny_model),
-         "speed": "max", "alarm": {"k": k, "n": n, "hold_s": hold_s}}],
+         "speed": "max", "alarm": {"rule": "kofn", "k": k, "n": n, "hold_s": hold_s}}],
         evidence={"max_count": 5})
     proc = harken("monitor", "--config", str(cfg), "--log-level", "warning")
     assert proc.returncode == 0, proc.stderr

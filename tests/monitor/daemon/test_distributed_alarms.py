@@ -216,7 +216,10 @@ def test_per_source_overrides_travel_with_the_window(tmp_path, models_dir, sourc
 
 
 def test_the_default_budget_gives_the_single_box_alarms(tmp_path, models_dir, sources_root):  # noqa: F811
-    sources = [s | {"speed": "max"} for s in source_list(sources_root, models_dir)[:SOURCES]]
+    # the default budget and k of n: a faulty source has two faulty 10-s windows, too short
+    # for the default rule (a capped ewma wants a fault to last)
+    sources = [s | {"speed": "max", "alarm": {"rule": "kofn"}}
+               for s in source_list(sources_root, models_dir)[:SOURCES]]
     (tmp_path / "one").mkdir()
     expected = single_box(tmp_path / "one", sources, {})
     assert any(e[1] == "start" for e in expected)  # the budget lets the faults alarm

@@ -10,8 +10,8 @@ import pytest
 
 from monitor.daemon.config import AlarmConfig
 from monitor.daemon.exposure import Exposure
-from monitor.daemon.recalibration import judged_scores, rate_factor, recalibrate
-from monitor.daemon.thresholds import resolve_for_detector
+from monitor.daemon.recalibration import judged_scores, peak_statistic, rate_factor, recalibrate
+from monitor.daemon.thresholds import ResolvedAlarm, resolve_for_detector
 from monitor.detector import Detector
 from monitor.reference import ReferenceStore
 from tests.helpers import tone_clip
@@ -117,3 +117,37 @@ def test_exposure_is_kept_across_restarts_and_an_unreadable_file_counts_from_zer
     assert Exposure(tmp_path).scored_s("fan") == pytest.approx(86_400.0)
     (tmp_path / "exposure.json").write_text("{not json")
     assert Exposure(tmp_path).scored_s("fan") == 0.0
+
+
+@pytest.mark.parametrize("rule", ["ewma", "cusum"])
+def test_under_a_statistic_rule_a_false_alarm_raises_its_level_by_rate(tmp_path, ref_model,
+                                                                         rule):
+    """ewma / cusum thresholds are levels of the rule's statistic; the verdict counts when its
+    windows took the statistic to the threshold, and the new level stays below their peak."""
+    det = Detector.load(ref_model, device="cpu")
+    alarm = AlarmConfig(rule=rule, hold_s=0.0)
+    store = ReferenceStore(tmp_path, "fan")
+    judged = np.stack([fault_clip(7), fault_clip(8), fault_clip(9)])
+    store.add("n1-fan-1", "v1", det.embed(judged).cpu(), [None] * 3)
+    base, moved = _resolve(det, store.load(), alarm)
+    assert base.rule == rule and base.origin == "budget"
+    peak = peak_statistic(base, judged_scores(det, store.load()))
+    assert peak > base.threshold
+    halved = dataclasses.replace(alarm, false_alarms_per_day=base.budget_per_day / 2)
+    want = resolve_for_detector(det, halved, hop_s=10.0, machine_id=None).threshold
+    assert moved.threshold == pytest.approx(min(want, peak))
+    assert base.threshold < moved.threshold <= peak
+    assert "1 confirmed false alarm" in moved.tail
+
+
+def test_the_peak_statistic_starts_at_the_threshold_and_follows_the_rule():
+    base = ResolvedAlarm(
+        rule="ewma", threshold=2.0, window_threshold=5.0, origin="budget", expected_per_day=0.1,
+        budget_per_day=0.1, mean=1.0, std=2.0, k=2, n=3, ewma_lambda=0.5, cusum_k=0.5, tail="",
+        score_cap=3.0)
+    # z = (scores - 1) / 2, capped at 3: [0, 3, 3]; E from 2: 1.0, 2.0, 2.5
+    assert peak_statistic(base, np.array([1.0, 9.0, 101.0])) == pytest.approx(2.5)
+    cusum = dataclasses.replace(base, rule="cusum")
+    # S from 2: 2 + (0 - .5) = 1.5, + 2.5 = 4.0, + 2.5 = 6.5
+    assert peak_statistic(cusum, np.array([1.0, 9.0, 101.0])) == pytest.approx(6.5)
+    assert peak_statistic(dataclasses.replace(base, rule="kofn"), np.array([1.0, 9.0])) == 9.0

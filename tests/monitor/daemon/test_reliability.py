@@ -96,7 +96,7 @@ def test_every_alarm_event_reaches_the_broker_through_broker_and_daemon_crashes(
         "stats_interval_s": 0.5, "evidence": {"enabled": False},
         "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
                  "reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
-        "alarm": {"k": 2, "n": 3, "hold_s": 20.0},
+        "alarm": {"rule": "kofn", "k": 2, "n": 3, "hold_s": 20.0},
         "sources": [{"id": "slider3", "kind": "folder", "path": str(drop),
                      "model": str(tiny_model), "watch": True, "poll_s": 0.1,
                      "speed": "realtime", "time_scale": 40.0}]}))
