@@ -56,6 +56,9 @@ def main(argv=None) -> int:
               f"scale {cal.sigma:.2f}, max {cal.scores.max():.2f}; median "
               f"{np.median(cal.scores):.2f} and q90 {np.quantile(cal.scores, 0.9):.2f} against "
               f"{np.median(s):.2f} and {np.quantile(s, 0.9):.2f} unseen")
+        print(f"{100 * np.mean(s > cal.scores.max()):.2f} % of the unseen scores are above the "
+              f"highest calibration score ({cal.scores.max():.2f}), {100 * np.mean(s > 4.0):.2f} % "
+              f"above 4")
         print(f"its own threshold at that exceedance: {own:.2f}, below the subsamples' in "
               f"{100 * np.mean(own < fitted):.0f} % of them")
     print(f"from {SUBSAMPLE}-score subsamples: threshold median {np.median(fitted):.2f} "

@@ -102,7 +102,7 @@ def run_demo(out: Path, *, progress: bool = True) -> int:
           f"{monitor['alarms']} alarm(s), {monitor['alarms_on_anomalous']} raised on anomalous "
           f"and {monitor['alarms_on_normal']} on normal clips")
     print(f"            mean score {monitor['mean_normal']:.3g} on normal and "
-          f"{monitor['mean_anomaly']:.3g} on anomalous clips (threshold {monitor['threshold']:.3g})")
+          f"{monitor['mean_anomaly']:.3g} on anomalous clips; {monitor['rule']}")
     if monitor["first_start"] is not None:
         end = monitor["first_end"]
         print(f"            first alarm on at clip {monitor['first_start']['clip_index']} "
@@ -136,11 +136,22 @@ def run_pretrained_step(data: Path, model: Path, *, progress: bool) -> dict:
     return {"model": str(model), "metrics": m, "note": f"AUC {m['auc']:.3f}"}
 
 
+def _rule_text(r) -> str:
+    what = r.describe().split(", threshold ")[0]  # "rule ewma lambda 0.2, cap 3"
+    level = (f"score {r.threshold:.3g}" if r.rule == "kofn" else
+             f"{r.threshold:.3g} standard deviations of normal scores")
+    budget = "" if r.budget_per_day is None else f" (budget {r.budget_per_day:.3g} a day)"
+    return f"{what} at {level}{budget}"
+
+
 def run_monitor_step(model: Path, test_dir: Path, out: Path, *, machine_id: int | None = None,
-                     n_each: int = 6, hold_s: float = 20.0) -> dict:
-    """The daemon in-process over `out/monitor-in/`: symlinks to n_each normal clips of one
-    machine ID (default the lowest), then n_each anomalous ones, then n_each normal ones again, numbered so
-    name order is play order; the JSONL sink goes to `out/monitor.jsonl`."""
+                     n_lead: int = 4, n_each: int = 6, hold_s: float = 20.0) -> dict:
+    """The daemon in-process over `out/monitor-in/`: symlinks to n_lead normal clips of one
+    machine ID (default the lowest), then n_each anomalous ones, then n_each normal ones again
+    (the default rule's average takes a few windows to fall back), numbered so name order is
+    play order; the JSONL sink goes to `out/monitor.jsonl`."""
+    from monitor.artifact import load_artifact
+    from monitor.daemon.thresholds import resolve_for_manifest
     from monitor.labels import find_audio, parse_clip
 
     clips = find_audio(test_dir)
@@ -149,7 +160,7 @@ def run_monitor_step(model: Path, test_dir: Path, out: Path, *, machine_id: int 
     pick = lambda label: [p for p in clips if parse_clip(p).label == label  # noqa: E731
                           and (parse_clip(p).machine_id or 0) == first_id]
     normal, anomaly = pick("normal"), pick("anomaly")
-    order = normal[:n_each] + anomaly[:n_each] + normal[n_each:2 * n_each]
+    order = normal[:n_lead] + anomaly[:n_each] + normal[n_lead:n_lead + n_each]
     folder = out / "monitor-in"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -161,7 +172,10 @@ def run_monitor_step(model: Path, test_dir: Path, out: Path, *, machine_id: int 
         sources=(SourceConfig(id="demo", kind="folder", model=str(model), path=str(folder),
                               speed="max"),),
         node="demo", device="auto", state_dir=str(out / "monitor-state"), jsonl=str(jsonl),
-        alarm=AlarmConfig(k=2, n=3, hold_s=hold_s))
+        alarm=AlarmConfig(hold_s=hold_s))
+    art = load_artifact(model)
+    resolved = resolve_for_manifest(art.manifest, art.tensors, Path(model) / "manifest.json",
+                                    cfg.alarm, hop_s=float(art.manifest.window_s), machine_id=None)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # alarm_started etc. are warnings: the summary tells them better
@@ -183,13 +197,14 @@ def run_monitor_step(model: Path, test_dir: Path, out: Path, *, machine_id: int 
 
     is_anomaly = [parse_clip(r["file"]).label == "anomaly" for r in scores]
     starts = [e for e in events if e["type"] == "start"]
-    # An alarm is raised by the window that completes k of n: the clip of that window says
-    # whether it answered anomalous audio.
+    # An alarm is raised by the window that takes the rule over its threshold: the clip of
+    # that window says whether it answered anomalous audio.
     start_labels = [parse_clip(Path(e["detail"].get("file", "x"))).label for e in starts]
     mean = lambda flag: float(np.mean([r["score"] for r, a in zip(scores, is_anomaly)  # noqa: E731
                                        if a == flag] or [np.nan]))
     return {"files": len(order), "windows": len(scores), "mean_normal": mean(False),
             "mean_anomaly": mean(True), "threshold": scores[0]["threshold"] if scores else float("nan"),
+            "rule": _rule_text(resolved),
             "alarms": len(starts),
             "alarms_on_anomalous": sum(lab == "anomaly" for lab in start_labels),
             "alarms_on_normal": sum(lab != "anomaly" for lab in start_labels),

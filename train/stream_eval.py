@@ -240,7 +240,7 @@ def write_tradeoff(path: Path, curves: dict[str, list[dict]], title: str) -> Pat
         a.set_xlabel("false alarms per day per machine")
     ax.set(ylabel="median delay of the alarmed streams, s", title="detection delay")
     ax2.set(ylabel="faulty streams alarmed within 60 s, %", ylim=(0, 100),
-            title="detected within 60 s (x: observed false alarms, where any)")
+            title="detected within 60 s (x: at the observed false alarms)")
     ax.legend(fontsize=7)
     ax2.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"False-alarm budget vs detection: {title}", fontsize=10)
