@@ -67,6 +67,9 @@ def alarm_to_json(alarm: AlarmConfig) -> str:
     return json.dumps(dataclasses.asdict(alarm), sort_keys=True, separators=(",", ":"))
 
 
+NULLABLE = ("threshold", "score_cap")  # the AlarmConfig numbers that may be null
+
+
 @functools.lru_cache(maxsize=1024)
 def alarm_from_json(text: str) -> AlarmConfig:
     """Raise WireError (one line) for settings a capture box's config loader would refuse.
@@ -90,7 +93,7 @@ def alarm_from_json(text: str) -> AlarmConfig:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and math.isfinite(value)) or (key == "threshold" and value is None)
+                  and math.isfinite(value)) or (key in NULLABLE and value is None)
         if not ok:
             raise WireError(f"alarm settings: bad {key} {str(value)[:40]!r}")
     alarm = AlarmConfig(**data)

@@ -47,6 +47,9 @@ def test_alarm_settings_round_trip_and_old_messages_mean_the_stage_defaults():
     assert ww.decode(payload, props).alarm == alarm
     old = [(k, v) for k, v in props if k != "alarm"]
     assert ww.decode(payload, old).alarm is None
+    for other in (AlarmConfig(), AlarmConfig(rule="ewma", score_cap=None),
+                  AlarmConfig(rule="ewma", score_cap=2.5, threshold=None)):
+        assert ww.decode(*ww.encode(_wire(other))).alarm == other
     # Equal settings, equal text: they share one resolved rule at the alarm stage.
     assert ww.alarm_to_json(AlarmConfig(k=1, n=4)) == ww.alarm_to_json(AlarmConfig(n=4, k=1))
 
@@ -55,7 +58,8 @@ def test_alarm_settings_round_trip_and_old_messages_mean_the_stage_defaults():
     ("{not json", "not JSON"), ("[1, 2]", "JSON object"), ('{"kk": 1}', "unknown key"),
     ('{"k": "2"}', "bad k"), ('{"k": true}', "bad k"), ('{"hold_s": NaN}', "bad hold_s"),
     ('{"k": 4, "n": 3}', "k: must be <= n"), ('{"rule": "magic"}', "rule: must be one of"),
-    ('{"false_alarms_per_day": 0}', "false_alarms_per_day"), ("x" * 2000, "at most")])
+    ('{"false_alarms_per_day": 0}', "false_alarms_per_day"), ('{"score_cap": 0}', "score_cap"),
+    ('{"score_cap": "3"}', "bad score_cap"), ("x" * 2000, "at most")])
 def test_broken_alarm_settings_are_one_line_each(text, why):
     payload, props = ww.encode(_wire(None))
     with pytest.raises(ww.WireError, match=why) as info:
