@@ -106,8 +106,10 @@ def cmd_evaluate(args) -> int:
               f"FPR {m['fpr_at_threshold']:.3f}")
     if m.get("alarm"):
         a = m["alarm"]
+        # ewma / cusum: the per-window level is what one window alone would need
+        level = "" if a["rule"] == "kofn" else " at the level of one window alone"
         print(f"  at the daemon's default alarm (rule {a['rule']}, budget {a['budget_per_day']:.3g}/day): "
-              f"window FPR {a['window_fpr']:.4f}  TPR {a['window_tpr']:.3f}; normal clips back to "
+              f"window FPR {a['window_fpr']:.4f}  TPR {a['window_tpr']:.3f}{level}; normal clips back to "
               f"back ({a['normal_hours']:g} h): {a['false_alarm_episodes']} false alarms, "
               f"expected {a['expected_false_alarms_per_day']:.3g}/day "
               "(harken evaluate --stream for long streams and detection delay)")

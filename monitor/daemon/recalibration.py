@@ -96,6 +96,7 @@ def recalibrate(detector, overlay, alarm, *, hop_s: float, machine_id: int | Non
             or overlay.windows == 0
             or no_verdict.expected_per_day is None or no_verdict.budget_per_day is None):
         return no_verdict
+    alarm = dataclasses.replace(alarm, rule=no_verdict.rule)  # auto stays what it resolved to
     peaks = [peak_statistic(no_verdict, s[np.isfinite(s)])
              for s in judged_by_verdict(detector, overlay) if np.isfinite(s).any()]
     false_alarms = sum(p >= no_verdict.threshold for p in peaks)

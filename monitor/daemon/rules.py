@@ -27,6 +27,7 @@ Each rule's statistic has a vectorised twin in monitor/rulesim.py (`ewma_series`
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +65,12 @@ def _standardised(score: float, mean: float, std: float, cap: float | None) -> f
     return z if cap is None else min(z, cap)
 
 
+def _restored_level(state) -> float:
+    """An ewma / cusum level from a checkpoint; 0 (a fresh start) for another rule's state."""
+    ok = isinstance(state, (int, float)) and not isinstance(state, bool) and math.isfinite(state)
+    return float(state) if ok else 0.0
+
+
 class KOfNRule:
     name = "kofn"
 
@@ -85,7 +92,9 @@ class KOfNRule:
         return list(self._recent)
 
     def restore(self, state) -> None:
-        self._recent = deque((bool(x) for x in state), maxlen=self.n)
+        # a state of another rule (the config's rule changed across a restart): start fresh
+        recent = state if isinstance(state, list) else []
+        self._recent = deque((bool(x) for x in recent), maxlen=self.n)
 
 
 class EwmaRule:
@@ -111,7 +120,7 @@ class EwmaRule:
         return self.value
 
     def restore(self, state) -> None:
-        self.value = float(state)
+        self.value = _restored_level(state)
 
 
 class CusumRule:
@@ -135,4 +144,4 @@ class CusumRule:
         return self.value
 
     def restore(self, state) -> None:
-        self.value = float(state)
+        self.value = _restored_level(state)

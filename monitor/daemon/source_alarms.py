@@ -72,10 +72,21 @@ class SourceAlarms:
                           s.alarm or self.config.alarm, hop_s=s.hop_s, machine_id=s.machine_id,
                           no_verdict=no_verdict, exposure_days=self.exposure.days(sid))
         old = worker.threshold_overrides.get(sid)
-        if old is None or new.window_threshold == old:
-            return
-        worker.threshold_overrides[sid] = new.window_threshold
-        self.log.info("threshold_updated", source=sid, old=old, new=new.window_threshold,
+        rule = getattr(self.alarms.get(sid), "rule", None)
+        if new.rule != "kofn" and hasattr(rule, "h"):
+            # ewma / cusum alarm at a level of their statistic: that is what moves
+            before, after = rule.h, new.threshold
+            if before == after:
+                return
+            rule.h = after  # a float: the route reads it on this thread
+            if old is not None:
+                worker.threshold_overrides[sid] = new.window_threshold
+        else:
+            if old is None or new.window_threshold == old:
+                return
+            before, after = old, new.window_threshold
+            worker.threshold_overrides[sid] = after
+        self.log.info("threshold_updated", source=sid, rule=new.rule, old=before, new=after,
                       expected_false_alarms_per_day=new.expected_per_day,
                       judged_windows=overlay.windows, reference_version=overlay.version,
                       exposure_days=round(self.exposure.days(sid), 4), why=new.tail)

@@ -40,8 +40,8 @@ class ResolvedAlarm:
     n: int
     ewma_lambda: float
     cusum_k: float
-    tail: str
-    score_cap: float | None = None  # what the expectation rests on
+    tail: str  # what the expectation rests on
+    score_cap: float | None = None  # ewma / cusum: standardised scores clipped at this level
 
     def build_rule(self) -> AlarmRule:
         if self.rule == "ewma":
@@ -68,7 +68,8 @@ class ResolvedAlarm:
         return {"rule": self.rule, "threshold": self.threshold,
                 "window_threshold": self.window_threshold, "origin": self.origin,
                 "expected_false_alarms_per_day": self.expected_per_day,
-                "budget_per_day": self.budget_per_day, "tail": self.tail}
+                "budget_per_day": self.budget_per_day, "score_cap": self.score_cap,
+                "tail": self.tail}
 
 
 def rule_problems(alarm, path: str) -> list[str]:

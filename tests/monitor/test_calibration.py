@@ -201,3 +201,18 @@ def test_cap_settings_are_checked():
     assert "must be above cusum_k" in rule_problems(
         AlarmConfig(rule="cusum", cusum_k=1.0, score_cap=1.0), "alarm")[0]
     assert rule_problems(AlarmConfig(score_cap=None), "alarm") == []
+
+
+def test_a_rule_restored_from_another_rules_checkpoint_starts_fresh():
+    """The config's rule changed across a restart (auto on an upgraded alarm stage): the
+    checkpoint holds a k-of-n list where an ewma level is wanted, or the other way round."""
+    ewma = EwmaRule(mean=0, std=1, lam=0.2, h=1.0)
+    ewma.restore([True, False, True])
+    assert ewma.value == 0.0
+    ewma.restore(0.75)
+    assert ewma.value == 0.75
+    kofn = KOfNRule(2, 3)
+    kofn.restore(1.25)
+    assert kofn.snapshot() == []
+    kofn.restore([True, True])
+    assert kofn.snapshot() == [True, True]

@@ -151,3 +151,47 @@ def test_the_peak_statistic_starts_at_the_threshold_and_follows_the_rule():
     # S from 2: 2 + (0 - .5) = 1.5, + 2.5 = 4.0, + 2.5 = 6.5
     assert peak_statistic(cusum, np.array([1.0, 9.0, 101.0])) == pytest.approx(6.5)
     assert peak_statistic(dataclasses.replace(base, rule="kofn"), np.array([1.0, 9.0])) == 9.0
+
+
+def test_an_auto_source_stays_on_its_statistic_rule_when_the_new_level_is_bounded(tmp_path,
+                                                                                 ref_model):
+    """The rate would push the level past the verdicts' peak; bounded there, it is still the
+    ewma's level (`auto` must not turn into kofn because a threshold is now set)."""
+    det = Detector.load(ref_model, device="cpu")
+    alarm = AlarmConfig(ewma_lambda=0.01, hold_s=0.0)  # auto: ewma on this calibrated model
+    store = ReferenceStore(tmp_path, "fan")
+    for i in range(20):
+        store.add(f"n1-fan-{i}", f"v{i}", det.embed(fault_clip(7 + i)[None]).cpu(), [None])
+    base, moved = _resolve(det, store.load(), alarm)
+    assert base.rule == "ewma"
+    assert (moved.rule, moved.window_threshold) == ("ewma", base.window_threshold)
+    assert moved.threshold > base.threshold
+
+
+def test_the_daemon_moves_the_live_ewma_level_and_undo_brings_it_back(tmp_path, ref_model):
+    """SourceAlarms.recalibrate changes what the running rule compares, not only the published
+    per-window threshold."""
+    import types
+
+    from monitor.daemon.config import DaemonConfig, SourceConfig
+    from monitor.daemon.source_alarms import SourceAlarms
+    from monitor.logs import get_logger
+
+    det = Detector.load(ref_model, device="cpu")
+    src = SourceConfig(id="fan", kind="folder", model=str(ref_model), path=str(tmp_path))
+    cfg = DaemonConfig(sources=(src,), node="n1", state_dir=str(tmp_path / "state"),
+                       alarm=AlarmConfig(rule="ewma", hold_s=0.0))
+    alarms: dict = {}
+    sa = SourceAlarms(cfg, {str(ref_model): det}, alarms, Exposure(tmp_path / "state"),
+                      get_logger(stage="test"))
+    overrides = sa.build()
+    worker = types.SimpleNamespace(detectors={"base": det}, threshold_overrides=overrides)
+    base_level = alarms["fan"].rule.h
+    store = ReferenceStore(tmp_path, "fan")
+    judged = np.stack([fault_clip(7), fault_clip(8), fault_clip(9)])
+    store.add("n1-fan-1", "v1", det.embed(judged).cpu(), [None] * 3)
+    sa.recalibrate("fan", store.load(), worker, "base")
+    assert alarms["fan"].rule.h > base_level
+    store.undo("v1")
+    sa.recalibrate("fan", store.load(), worker, "base")
+    assert alarms["fan"].rule.h == base_level
