@@ -64,17 +64,29 @@ def count_episodes(trigger: np.ndarray, active: np.ndarray, hold: int) -> int:
     return int(len(np.unique(cluster[trigger[idx]])))
 
 
-def ewma_series(z: np.ndarray, lam: float) -> np.ndarray:
-    """E_t = lam z_t + (1 - lam) E_{t-1}, E_0 = 0 (the EwmaRule's statistic)."""
+def ewma_series(z: np.ndarray, lam: float, start: float = 0.0) -> np.ndarray:
+    """E_t = lam z_t + (1 - lam) E_{t-1}, E_0 = start (the EwmaRule's statistic)."""
     from scipy.signal import lfilter
 
-    return lfilter([lam], [1.0, -(1.0 - lam)], z)
+    out = lfilter([lam], [1.0, -(1.0 - lam)], z)
+    return out + start * (1.0 - lam) ** np.arange(1, len(z) + 1) if start else out
 
 
-def cusum_series(z: np.ndarray, k_ref: float) -> np.ndarray:
-    """S_t = max(0, S_{t-1} + z_t - k_ref), S_0 = 0, by Lindley's identity (the CusumRule's)."""
+def cusum_series(z: np.ndarray, k_ref: float, start: float = 0.0) -> np.ndarray:
+    """S_t = max(0, S_{t-1} + z_t - k_ref), S_0 = start >= 0, by Lindley's identity (the
+    CusumRule's)."""
     c = np.cumsum(z - k_ref)
-    return c - np.minimum(np.minimum.accumulate(c), 0.0)
+    return c - np.minimum(np.minimum.accumulate(c), -start)
+
+
+def rule_series(z: np.ndarray, spec: RuleSpec, start: float = 0.0) -> np.ndarray:
+    """The ewma / cusum statistic of standardised scores z, capped at spec.score_cap as the
+    rule caps them, from the level `start`."""
+    if spec.score_cap is not None:
+        z = np.minimum(z, spec.score_cap)
+    if spec.rule == "ewma":
+        return ewma_series(z, spec.ewma_lambda, start)
+    return cusum_series(z, spec.cusum_k, start)
 
 
 class RuleSimulator:
@@ -114,16 +126,8 @@ class RuleSimulator:
             out, carry = [], 0.0
             for lat in self._chunks:
                 scores = t.isf(ndtr(-lat))  # latent -> score with the same exceedance chance
-                z = (scores - t.mean) / t.std
-                if spec.score_cap is not None:
-                    z = np.minimum(z, spec.score_cap)
-                if spec.rule == "ewma":
-                    stat = ewma_series(z, spec.ewma_lambda)
-                    # carry the state over the chunk edge: E continues from the last value
-                    stat = stat + carry * (1.0 - spec.ewma_lambda) ** np.arange(1, len(z) + 1)
-                else:
-                    c = np.cumsum(z - spec.cusum_k)  # Lindley, starting from S_0 = carry
-                    stat = c - np.minimum(np.minimum.accumulate(c), -carry)
+                # the state carries over the chunk edge: it continues from the last value
+                stat = rule_series((scores - t.mean) / t.std, spec, carry)
                 carry = float(stat[-1])
                 out.append(stat)
             self._stats = out

@@ -37,7 +37,8 @@ BATCH = 64
 # the daemon's rules at their default settings, and the ewma without its score cap (what the
 # cap buys: monitor/daemon/rules.py)
 RULES = {"kofn": AlarmConfig(rule="kofn"), "ewma": AlarmConfig(rule="ewma"),
-         "cusum": AlarmConfig(rule="cusum"), "ewma_uncapped": AlarmConfig(rule="ewma", score_cap=None)}
+         "cusum": AlarmConfig(rule="cusum"),
+         "ewma_uncapped": AlarmConfig(rule="ewma", score_cap=None)}
 
 
 def _score_clips(detector, clips, machine_id: int) -> np.ndarray:

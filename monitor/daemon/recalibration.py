@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 from monitor.daemon.thresholds import ResolvedAlarm, resolve_for_detector
 from monitor.overlay import with_reference
-from monitor.rulesim import ewma_series
+from monitor.rulesim import RuleSpec, rule_series
 from monitor.scorers import Features
 
 PRIOR_EPISODES = 1.0  # gamma prior on (true rate / calibrated rate): mean 1, one episode's weight
@@ -68,16 +68,9 @@ def peak_statistic(resolved: ResolvedAlarm, scores: np.ndarray) -> float:
     for kofn; for ewma / cusum the statistic started at the threshold (the alarm was on)."""
     if resolved.rule == "kofn":
         return float(np.max(scores))
-    z = (scores - resolved.mean) / resolved.std
-    if resolved.score_cap is not None:
-        z = np.minimum(z, resolved.score_cap)
-    h = resolved.threshold
-    if resolved.rule == "ewma":
-        lam = resolved.ewma_lambda
-        stat = ewma_series(z, lam) + h * (1.0 - lam) ** np.arange(1, len(z) + 1)
-    else:
-        c = np.cumsum(z - resolved.cusum_k)
-        stat = c - np.minimum(np.minimum.accumulate(c), -h)  # Lindley from S_0 = h
+    spec = RuleSpec(resolved.rule, ewma_lambda=resolved.ewma_lambda, cusum_k=resolved.cusum_k,
+                    score_cap=resolved.score_cap)
+    stat = rule_series((scores - resolved.mean) / resolved.std, spec, start=resolved.threshold)
     return float(np.max(stat))
 
 

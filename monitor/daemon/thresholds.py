@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from monitor.calibration import SECONDS_PER_DAY, Calibration, load_calibration
 from monitor.rulesim import RuleSimulator, RuleSpec
-from monitor.daemon.rules import DEFAULT_K, DEFAULT_N, RULE_CHOICES, AlarmRule, CusumRule, EwmaRule, KOfNRule
+from monitor.daemon.rules import (DEFAULT_K, DEFAULT_N, RULE_CHOICES, AlarmRule, CusumRule,
+                                  EwmaRule, KOfNRule)
 from monitor.errors import UsageError
 
 if TYPE_CHECKING:
