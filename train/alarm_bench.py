@@ -9,7 +9,9 @@
 3. Faulty streams: per ID, fault type and severity (5 severities in [0.5, 1]): 60 s healthy,
    then 120 s of the fault.
 Everything goes through the daemon's threshold resolution and AlarmStateMachine
-(train/stream_eval.py). Prints the figures at the default budget (JSON with --json).
+(train/stream_eval.py). Prints the figures at the default budget, and for the default rule per
+fault type and severity, with the window AUC that bounds what any rule can do (JSON with
+--json).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from monitor.daemon.config import AlarmConfig
 from monitor.daemon.thresholds import effective_rule, resolve_for_detector
+from train.commands import fault_lines
 from train.stream_eval import StreamScores, stream_figures, sweep, write_tradeoff
 
 IDS = (0, 1, 2)
@@ -95,7 +98,7 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
                 s = _score_clips(detector, clips, mid)
                 faulty.append(StreamScores(f"{fault}-{sev:g}-id{mid:02d}", mid,
                                            np.arange(len(s)) * 10.0, s, 10.0, len(s) * 10.0,
-                                           LEAD_IN_CLIPS * 10.0))
+                                           LEAD_IN_CLIPS * 10.0, fault, sev))
     alarm = AlarmConfig()
 
     def resolve_at(a):
@@ -139,6 +142,9 @@ def main(argv=None) -> int:
               f"TPR {r['window_tpr']:.3f}; faulty streams alarmed within 60 s: "
               f"{100 * r['streams_alarmed_within_60s']:.1f}% (any time {100 * r['streams_alarmed']:.1f}%), "
               f"median delay {r['delay_s_median']} s, p90 {r['delay_s_p90']} s")
+    print(f"  by fault type and severity ({result['default_rule']}, the default rule):")
+    for line in fault_lines(result[result["default_rule"]]["per_fault"]):
+        print("    " + line)
     if args.plot:
         print(f"  plot: {result['plot']}")
     return 0

@@ -122,6 +122,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def fault_lines(per_fault: dict) -> list[str]:
+    """One line per fault type of stream_eval's `per_fault`, its severities after it."""
+    def one(v):
+        auc = "n/a" if v["window_auc"] is None else f"{v['window_auc']:.3f}"
+        return (f"{100 * v['alarmed_within_60s']:.0f}% within 60 s "
+                f"({100 * v['alarmed']:.0f}% at all) of {v['streams']}, window AUC {auc}")
+
+    out = []
+    for name, v in per_fault.items():
+        out.append(f"{name}: {one(v)}")
+        for sev, w in v.get("by_severity", {}).items():
+            out.append(f"  severity {sev}: {one(w)}")
+    return out
+
+
 def _evaluate_stream(args) -> int:
     """`harken evaluate --stream`: false alarms per day and detection delays (train/stream_eval.py)."""
     from monitor.daemon.config import AlarmConfig
@@ -158,6 +173,8 @@ def _evaluate_stream(args) -> int:
               f"60 s {100 * m['streams_alarmed_within_60s']:.1f}%, delay median "
               f"{f(m['delay_s_median'])} s, p90 {f(m['delay_s_p90'])} s, window TPR {f(m['window_tpr'])}; "
               f"{m['lead_in_false_alarms']} alarms in their healthy lead-ins")
+        for line in fault_lines(m["per_fault"]):
+            print("    " + line)
     if m.get("report"):
         print(f"  trade-off plot: {m['report']['tradeoff']}")
     return 0

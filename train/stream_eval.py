@@ -10,6 +10,9 @@ rule) as `harken monitor`; nothing here re-implements an alarm rule.
 - `DATA/streams/<name>/`: one stream each, healthy files then faulty ones (`normal_...` then
   `anomaly_...` names); the fault starts with the first anomalous file, and the delay is the
   time from there to the end of the window that raised the alarm.
+- `DATA/labels.csv` (optional, columns file, fault, severity, as `harken synth` writes it):
+  the fault type and severity of a stream's first anomalous file, for the figures per fault
+  type and severity (`per_fault`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from monitor.daemon.types import Score
 from monitor.errors import UsageError
 from monitor.labels import ANOMALY, find_audio, parse_clip
 from monitor.replay import SkipCounter, score_files
+from train.evaluate import read_fault_labels
+from train.metrics import auc
 
 DETECT_WITHIN_S = 60.0
 SWEEP_BUDGETS = (0.01, 0.03, 0.1, 1 / 7, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -42,6 +47,8 @@ class StreamScores:
     window_s: float
     seconds: float  # audio duration of the stream
     fault_start_s: float | None = None  # None: a healthy stream
+    fault: str | None = None  # the fault's type and severity, where labels tell (breakdown)
+    severity: float | None = None
 
 
 def alarm_times(stream: StreamScores, resolved: ResolvedAlarm, hold_s: float) -> list[float]:
@@ -120,16 +127,68 @@ def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resol
         "delay_s_p90": float(np.quantile(d, 0.9)) if len(d) else None,
         "lead_in_false_alarms": early,
         "per_id": per_id,
+        "per_fault": fault_breakdown(normal, faulty, res, hold_s, within_s),
     }
+
+
+def _group_figures(streams: list[StreamScores], res, hold_s: float, within_s: float,
+                   healthy: dict) -> dict:
+    hit, fault_scores = [], []
+    for s in streams:
+        after = [t - s.fault_start_s for t in alarm_times(s, res(s.machine_id), hold_s)
+                 if t > s.fault_start_s]
+        if after:
+            hit.append(after[0])
+        fault_scores.append(s.scores[s.starts_s + s.window_s > s.fault_start_s])
+    # this group's faulty windows against the healthy windows of its machine IDs
+    ids = sorted({s.machine_id for s in streams if s.machine_id in healthy}, key=str)
+    neg = np.concatenate([healthy[m] for m in ids]) if ids else np.zeros(0)
+    pos = np.concatenate(fault_scores)
+    window_auc = (auc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
+                  if len(neg) and len(pos) else None)
+    return {"streams": len(streams), "alarmed": len(hit) / len(streams),
+            f"alarmed_within_{int(within_s)}s": sum(d <= within_s for d in hit) / len(streams),
+            "delay_s_median": float(np.median(hit)) if hit else None,
+            "window_auc": window_auc}
+
+
+def fault_breakdown(normal: list[StreamScores], faulty: list[StreamScores], res, hold_s: float,
+                    within_s: float = DETECT_WITHIN_S) -> dict:
+    """Per fault type, and per severity within it: the share of streams alarmed (within
+    `within_s`), the median delay, and the window AUC (the type's faulty windows against the
+    healthy windows of the same machine IDs: how far apart single windows are, before any
+    rule). Streams without a fault label are grouped as "unknown"; {} without faulty streams."""
+    healthy = {}
+    for s in normal:
+        healthy.setdefault(s.machine_id, []).append(s.scores)
+    healthy = {m: np.concatenate(v) for m, v in healthy.items()}
+    groups: dict = {}
+    for s in faulty:
+        groups.setdefault(s.fault or "unknown", []).append(s)
+    out = {}
+    for name in sorted(groups):
+        entry = _group_figures(groups[name], res, hold_s, within_s, healthy)
+        by_sev: dict = {}
+        for s in groups[name]:
+            if s.severity is not None:
+                by_sev.setdefault(round(float(s.severity), 3), []).append(s)
+        if by_sev:
+            entry["by_severity"] = {f"{sev:g}": _group_figures(by_sev[sev], res, hold_s,
+                                                                within_s, healthy)
+                                    for sev in sorted(by_sev)}
+        out[name] = entry
+    return out
 
 
 # --------------------------------------------------------------------------- folders
 
 
 def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
-                       skips: SkipCounter) -> StreamScores | None:
-    """Files played back to back: each file's windows shifted by the files before it."""
+                       skips: SkipCounter, labels: dict | None = None) -> StreamScores | None:
+    """Files played back to back: each file's windows shifted by the files before it. labels:
+    file name -> (fault, severity) (labels.csv); the first anomalous file's names the fault."""
     offsets, t, fault_start, mids = {}, 0.0, None, set()
+    fault, severity = None, None
     for f in files:
         info = parse_clip(f)
         mids.add(info.machine_id)
@@ -140,6 +199,7 @@ def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
         offsets[str(f)] = t
         if info.label == ANOMALY and fault_start is None:
             fault_start = t
+            fault, severity = (labels or {}).get(f.name, (None, None))
         t += dur
     starts, scores = [], []
     machine_id = next(iter(mids)) if len(mids) == 1 else None
@@ -149,7 +209,7 @@ def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
     if not scores:
         return None
     return StreamScores(name, machine_id, np.array(starts), np.array(scores), detector.window_s,
-                        t, fault_start)
+                        t, fault_start, fault, severity)
 
 
 def score_stream_folders(detector, data: str | Path, *, hop_s: float,
@@ -172,8 +232,9 @@ def score_stream_folders(detector, data: str | Path, *, hop_s: float,
                 normal.append(s)
     faulty = []
     if streams_dir.is_dir():
+        labels = read_fault_labels(root)
         for d in sorted(p for p in streams_dir.iterdir() if p.is_dir()):
-            s = _stream_from_files(detector, d.name, sorted(find_audio(d)), hop_s, skips)
+            s = _stream_from_files(detector, d.name, sorted(find_audio(d)), hop_s, skips, labels)
             if s is None:
                 continue
             if s.fault_start_s is None:

@@ -127,6 +127,8 @@ def test_evaluate_stream_replays_folders_through_the_alarm_code(stats_model, tmp
     for i in range(6):  # the machine drowned in broadband hiss: unmistakable for any model
         _write(s1 / f"anomaly_id_00_{i:08d}.wav",
                render_clip(p, rng=3000 + i, snr_db=SNR_DB) + hiss[i])
+    (data / "labels.csv").write_text("file,fault,severity\n" + "".join(
+        f"anomaly_id_00_{i:08d}.wav,hiss,1.0\n" for i in range(6)))
     r = harken("evaluate", "--model", str(stats_model), "--data", str(data), "--stream",
                "--json", "--quiet", "--false-alarms-per-day", "2")
     assert r.returncode == 0, r.stderr
@@ -137,6 +139,13 @@ def test_evaluate_stream_replays_folders_through_the_alarm_code(stats_model, tmp
     assert m["streams"] == 1 and m["streams_alarmed"] == 1.0
     # the alarm comes from k=2 windows of faulty audio at the earliest: 20 s after the fault
     assert 20.0 <= m["delay_s_median"] <= 60.0
+    hiss_fig = m["per_fault"]["hiss"]  # from labels.csv
+    assert hiss_fig["streams"] == 1 and hiss_fig["alarmed"] == 1.0
+    assert hiss_fig["window_auc"] > 0.75 and set(hiss_fig["by_severity"]) == {"1"}
+    r = harken("evaluate", "--model", str(stats_model), "--data", str(data), "--stream",
+               "--quiet", "--false-alarms-per-day", "2")
+    assert r.returncode == 0, r.stderr
+    assert "hiss: 100% within 60 s (100% at all) of 1, window AUC" in r.stdout
     (tmp_path / "empty").mkdir()
     r = harken("evaluate", "--model", str(stats_model), "--data", str(tmp_path / "empty"), "--stream")
     assert r.returncode == 2 and "needs" in r.stderr and "Traceback" not in r.stderr
