@@ -52,13 +52,12 @@ def _score_clips(detector, clips, machine_id: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[dict, object]:
-    from monitor.detector import Detector
+def build_model(out: Path, seed: int, progress: bool = True) -> tuple[Path, Path]:
+    """The benchmark's training set and model (kept in `out`; reused when there)."""
     from train.config import TrainConfig
     from train.fit import fit_model
-    from train.synth import FAULTS, MachineParams, clip_seed, render_clip, write_dataset
+    from train.synth import write_dataset
 
-    t0 = time.monotonic()
     data, model = out / f"data-seed{seed}", out / f"model-seed{seed}"
     if not (model / "manifest.json").is_file():
         if data.exists():
@@ -66,26 +65,39 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
         write_dataset(data, ids=IDS, n_train=60, n_test_normal=0, n_test_anomaly=0,
                       snr_db=SNR_DB, seed=seed, progress=progress)
         fit_model(data, model, TrainConfig(seed=seed), device="cpu", progress=progress)
-    detector = Detector.load(model, device="cpu")
-    params = {m: MachineParams.for_id(m, seed) for m in IDS}
+    return data, model
+
+
+def healthy_clips(seed: int, hours: float, progress: bool = True):
+    """Per machine ID: (ID, batches of healthy clips the model never saw), rendered lazily, one
+    batch in memory at a time."""
+    from train.synth import MachineParams, clip_seed, render_clip
+
     n_clips = int(round(hours * 360))
-    normal = []
     for mid in IDS:
-        scores = []
-        chunk = []
-        for i in tqdm(range(n_clips), desc=f"healthy id {mid:02d}", unit="clip",
-                      disable=not progress, leave=False):
-            rng = np.random.default_rng(clip_seed(seed, mid, "test_normal", 100_000 + i))
-            chunk.append(render_clip(params[mid], rng=rng, snr_db=SNR_DB))
-            if len(chunk) == BATCH:
-                scores.append(_score_clips(detector, chunk, mid))
-                chunk = []
-        scores.append(_score_clips(detector, chunk, mid))
-        s = np.concatenate(scores)
-        normal.append(StreamScores(f"normal-{mid:02d}", mid, np.arange(len(s)) * 10.0, s, 10.0,
-                                   len(s) * 10.0))
-    faulty = []
+        params = MachineParams.for_id(mid, seed)
+
+        def batches(mid=mid, params=params):
+            chunk = []
+            for i in tqdm(range(n_clips), desc=f"healthy id {mid:02d}", unit="clip",
+                          disable=not progress, leave=False):
+                rng = np.random.default_rng(clip_seed(seed, mid, "test_normal", 100_000 + i))
+                chunk.append(render_clip(params, rng=rng, snr_db=SNR_DB))
+                if len(chunk) == BATCH:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        yield mid, batches()
+
+
+def fault_clips(seed: int):
+    """(ID, fault, severity, clips) per faulty stream: LEAD_IN_CLIPS healthy, then the fault."""
+    from train.synth import FAULTS, MachineParams, clip_seed, render_clip
+
     for mid in IDS:
+        params = MachineParams.for_id(mid, seed)
         for f_i, fault in enumerate(FAULTS):
             for s_i, sev in enumerate(SEVERITIES):
                 clips = []
@@ -93,12 +105,27 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
                     rng = np.random.default_rng(clip_seed(seed, mid, "test_anomaly",
                                                           200_000 + (f_i * 10 + s_i) * 100 + c))
                     is_fault = c >= LEAD_IN_CLIPS
-                    clips.append(render_clip(params[mid], fault if is_fault else None,
+                    clips.append(render_clip(params, fault if is_fault else None,
                                              sev if is_fault else 0.0, rng=rng, snr_db=SNR_DB))
-                s = _score_clips(detector, clips, mid)
-                faulty.append(StreamScores(f"{fault}-{sev:g}-id{mid:02d}", mid,
-                                           np.arange(len(s)) * 10.0, s, 10.0, len(s) * 10.0,
-                                           LEAD_IN_CLIPS * 10.0, fault, sev))
+                yield mid, fault, sev, clips
+
+
+def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[dict, object]:
+    from monitor.detector import Detector
+
+    t0 = time.monotonic()
+    data, model = build_model(out, seed, progress)
+    detector = Detector.load(model, device="cpu")
+    normal = []
+    for mid, batches in healthy_clips(seed, hours, progress=progress):
+        s = np.concatenate([detector.score_windows(np.stack(b), [mid] * len(b)) for b in batches])
+        normal.append(StreamScores(f"normal-{mid:02d}", mid, np.arange(len(s)) * 10.0, s, 10.0,
+                                   len(s) * 10.0))
+    faulty = []
+    for mid, fault, sev, clips in fault_clips(seed):
+        s = _score_clips(detector, clips, mid)
+        faulty.append(StreamScores(f"{fault}-{sev:g}-id{mid:02d}", mid, np.arange(len(s)) * 10.0,
+                                   s, 10.0, len(s) * 10.0, LEAD_IN_CLIPS * 10.0, fault, sev))
     alarm = AlarmConfig()
 
     def resolve_at(a):
