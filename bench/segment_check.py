@@ -164,4 +164,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from monitor.errors import HarkenError
+
+    try:
+        raise SystemExit(main())
+    except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
+        print(f"{__spec__.name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None

@@ -178,4 +178,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from monitor.errors import HarkenError
+
+    try:
+        sys.exit(main())
+    except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
+        print(f"{__spec__.name}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -123,8 +123,8 @@ def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resol
         f"streams_alarmed_within_{int(within_s)}s":
             float(np.mean([x <= within_s for x in delays] + [False] * (len(faulty) - alarmed)))
             if faulty else None,
-        "delay_s_median": float(np.median(d)) if len(d) else None,
-        "delay_s_p90": float(np.quantile(d, 0.9)) if len(d) else None,
+        "delay_s_median": round(float(np.median(d)), 3) if len(d) else None,
+        "delay_s_p90": round(float(np.quantile(d, 0.9)), 3) if len(d) else None,
         "lead_in_false_alarms": early,
         "per_id": per_id,
         "per_fault": fault_breakdown(normal, faulty, res, hold_s, within_s),
@@ -148,7 +148,7 @@ def _group_figures(streams: list[StreamScores], res, hold_s: float, within_s: fl
                   if len(neg) and len(pos) else None)
     return {"streams": len(streams), "alarmed": len(hit) / len(streams),
             f"alarmed_within_{int(within_s)}s": sum(d <= within_s for d in hit) / len(streams),
-            "delay_s_median": float(np.median(hit)) if hit else None,
+            "delay_s_median": round(float(np.median(hit)), 3) if hit else None,
             "window_auc": window_auc}
 
 
