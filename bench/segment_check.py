@@ -8,7 +8,8 @@ scatter averages out. This measures it on `train.alarm_bench`'s exact clips and 
 - calibrated: the segment threshold per machine ID at the alarm budget (one a week), from the
   GPD tail of out-of-fold segments of the training clips (5 folds by file; means of random
   `--windows` held-out clips of the ID, scored by the fold's standardiser and scorers with the
-  final model's fusion), alarming on one segment over it (hold 30 s);
+  final model's fusion: an approximation, as the fold scorers' own score scales are not
+  refitted), alarming on one segment over it (hold 30 s);
 - best: those thresholds all shifted by the one offset that catches the most faulty streams
   within 60 s with at most 1 false alarm in the healthy hours, found against the unseen truth
   (no deployment can do this: it bounds what the calibration could give).
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
         raise SystemExit("--windows must be at least 2")
     data, model = ab.build_model(Path(args.out), args.seed, progress=False)
     det = Detector.load(model, device="cpu")
+    if det.needs_map:
+        raise SystemExit(f"{det.name}: a scorer reads the encoder's feature map, which a mean "
+                         "of embeddings does not have; this check takes vector scorers only")
 
     def seg_scores(v, mid):
         means = torch.as_tensor(sliding_means(v, n), dtype=torch.float32)
@@ -171,5 +175,5 @@ if __name__ == "__main__":
     try:
         raise SystemExit(main())
     except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
-        print(f"{__spec__.name}: error: {exc}", file=sys.stderr)
+        print(f"{getattr(__spec__, 'name', sys.argv[0])}: error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None

@@ -118,7 +118,8 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> tuple[d
     detector = Detector.load(model, device="cpu")
     normal = []
     for mid, batches in healthy_clips(seed, hours, progress=progress):
-        s = np.concatenate([detector.score_windows(np.stack(b), [mid] * len(b)) for b in batches])
+        s = np.concatenate([detector.score_windows(np.stack(b), [mid] * len(b)) for b in batches]
+                           or [np.zeros(0)])
         normal.append(StreamScores(f"normal-{mid:02d}", mid, np.arange(len(s)) * 10.0, s, 10.0,
                                    len(s) * 10.0))
     faulty = []
@@ -183,5 +184,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
-        print(f"{__spec__.name}: error: {exc}", file=sys.stderr)
+        print(f"{getattr(__spec__, 'name', sys.argv[0])}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -124,9 +124,13 @@ def cmd_evaluate(args) -> int:
 
 def fault_lines(per_fault: dict) -> list[str]:
     """One line per fault type of stream_eval's `per_fault`, its severities after it."""
+    from train.stream_eval import DETECT_WITHIN_S
+
+    within = int(DETECT_WITHIN_S)
+
     def one(v):
         auc = "n/a" if v["window_auc"] is None else f"{v['window_auc']:.3f}"
-        return (f"{100 * v['alarmed_within_60s']:.0f}% within 60 s "
+        return (f"{100 * v[f'alarmed_within_{within}s']:.0f}% within {within} s "
                 f"({100 * v['alarmed']:.0f}% at all) of {v['streams']}, window AUC {auc}")
 
     out = []

@@ -20,17 +20,19 @@ MAX_FPR = 0.1
 SEVERITY_BANDS = ((0.0, 1 / 3, "low"), (1 / 3, 2 / 3, "mid"), (2 / 3, 1.0001, "high"))
 
 
-def read_fault_labels(data: str | Path) -> dict[str, tuple[str, float | None]]:
-    """file name -> (fault type, severity) from the data set's labels.csv (as `harken synth`
-    writes it: columns file, fault, severity); empty when there is none or it has no fault
-    column. Rows that cannot be parsed are skipped and counted in the log."""
+def read_fault_labels(data: str | Path, *, parent: bool = True) -> dict[str, tuple[str, float | None]]:
+    """file name (and the file column as written) -> (fault type, severity) from the data set's
+    labels.csv (as `harken synth` writes it: columns file, fault, severity); empty when there is
+    none or it has no fault column. parent: also look one folder up (`harken synth` puts it next
+    to test/). Rows that cannot be parsed are skipped and counted in the log."""
     root = Path(data)
-    for path in (root / "labels.csv", root.parent / "labels.csv"):
+    for path in (root / "labels.csv", *((root.parent / "labels.csv",) if parent else ())):
         if path.is_file():
             break
     else:
         return {}
     out: dict[str, tuple[str, float | None]] = {}
+    paths_by_name: dict[str, set[str]] = {}
     bad = 0
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -39,10 +41,18 @@ def read_fault_labels(data: str | Path) -> dict[str, tuple[str, float | None]]:
         for row in reader:
             try:
                 sev = row.get("severity")
-                out[Path(row["file"]).name] = (row["fault"] or "none",
-                                               float(sev) if sev not in (None, "") else None)
+                entry = (row["fault"] or "none", float(sev) if sev not in (None, "") else None)
+                written = Path(row["file"])
+                out[written.name] = entry
+                # as written too: a path tells equal names in different folders apart
+                # (stream_eval looks it up first)
+                out[written.as_posix()] = entry
+                paths_by_name.setdefault(written.name, set()).add(written.as_posix())
             except (TypeError, ValueError):
                 bad += 1
+    for name, paths in paths_by_name.items():
+        if len(paths) > 1 and name not in paths:
+            del out[name]  # one name, several folders: a name alone cannot say which
     if bad:
         get_logger(stage="evaluate").warning("labels_rows_skipped", file=str(path), count=bad)
     return out

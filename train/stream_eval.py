@@ -139,11 +139,14 @@ def _group_figures(streams: list[StreamScores], res, hold_s: float, within_s: fl
                  if t > s.fault_start_s]
         if after:
             hit.append(after[0])
-        fault_scores.append(s.scores[s.starts_s + s.window_s > s.fault_start_s])
-    # this group's faulty windows against the healthy windows of its machine IDs
+        if s.machine_id in healthy:
+            fault_scores.append(s.scores[s.starts_s + s.window_s > s.fault_start_s])
+    # this group's faulty windows against the healthy windows of its machine IDs (of the IDs
+    # that have healthy streams); scores that are not finite are left out
     ids = sorted({s.machine_id for s in streams if s.machine_id in healthy}, key=str)
     neg = np.concatenate([healthy[m] for m in ids]) if ids else np.zeros(0)
-    pos = np.concatenate(fault_scores)
+    pos = np.concatenate(fault_scores) if fault_scores else np.zeros(0)
+    neg, pos = neg[np.isfinite(neg)], pos[np.isfinite(pos)]
     window_auc = (auc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
                   if len(neg) and len(pos) else None)
     return {"streams": len(streams), "alarmed": len(hit) / len(streams),
@@ -184,9 +187,11 @@ def fault_breakdown(normal: list[StreamScores], faulty: list[StreamScores], res,
 
 
 def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
-                       skips: SkipCounter, labels: dict | None = None) -> StreamScores | None:
+                       skips: SkipCounter, labels: dict | None = None,
+                       root: Path | None = None) -> StreamScores | None:
     """Files played back to back: each file's windows shifted by the files before it. labels:
-    file name -> (fault, severity) (labels.csv); the first anomalous file's names the fault."""
+    labels.csv's file (relative to root, else the name) -> (fault, severity); the first
+    anomalous file's names the stream's fault."""
     offsets, t, fault_start, mids = {}, 0.0, None, set()
     fault, severity = None, None
     for f in files:
@@ -199,7 +204,9 @@ def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
         offsets[str(f)] = t
         if info.label == ANOMALY and fault_start is None:
             fault_start = t
-            fault, severity = (labels or {}).get(f.name, (None, None))
+            labels = labels or {}
+            key = f.relative_to(root).as_posix() if root is not None else f.name
+            fault, severity = labels.get(key, labels.get(f.name, (None, None)))
         t += dur
     starts, scores = [], []
     machine_id = next(iter(mids)) if len(mids) == 1 else None
@@ -232,9 +239,12 @@ def score_stream_folders(detector, data: str | Path, *, hop_s: float,
                 normal.append(s)
     faulty = []
     if streams_dir.is_dir():
-        labels = read_fault_labels(root)
+        labels = read_fault_labels(root, parent=False)
         for d in sorted(p for p in streams_dir.iterdir() if p.is_dir()):
-            s = _stream_from_files(detector, d.name, sorted(find_audio(d)), hop_s, skips, labels)
+            # healthy files, then the faulty ones, each in name order (by name alone
+            # `anomaly_...` would play first and the healthy lead-in after the fault)
+            files = sorted(find_audio(d), key=lambda f: (parse_clip(f).label == ANOMALY, str(f)))
+            s = _stream_from_files(detector, d.name, files, hop_s, skips, labels, root)
             if s is None:
                 continue
             if s.fault_start_s is None:

@@ -56,3 +56,40 @@ def test_a_stream_whose_machine_id_has_no_healthy_stream_has_no_window_auc():
     pf = stream_figures(normal, faulty, lambda mid: _kofn(6.0), hold_s=30.0)["per_fault"]
     assert pf["loud"]["window_auc"] is None and pf["loud"]["alarmed"] == 1.0
     assert fault_lines(pf)[0].endswith("window AUC n/a")
+
+
+class _LoudnessDetector:
+    """Scores a window by its RMS: enough to run the folder path without a model."""
+
+    window_s = 10.0
+
+    def score_windows(self, windows, machine_ids):
+        return np.sqrt((np.asarray(windows, dtype=np.float64) ** 2).mean(axis=1))
+
+    def threshold_for(self, machine_id):
+        return 1.0
+
+
+def test_stream_folders_take_each_streams_fault_from_labels_csv_by_path(tmp_path):
+    import soundfile as sf
+
+    from train.stream_eval import score_stream_folders
+
+    root = tmp_path / "eval"
+    rng = np.random.default_rng(2)
+    for stream in ("a", "b", "c"):  # the same file names in each stream
+        d = root / "streams" / stream
+        d.mkdir(parents=True)
+        for name, scale in (("normal_id_00_00000000.wav", 0.01), ("anomaly_id_00_00000000.wav", 0.3)):
+            sf.write(d / name, (rng.normal(size=160_000) * scale).astype(np.float32), 16000)
+    (root / "labels.csv").write_text(
+        "file,fault,severity\n"
+        "streams/a/anomaly_id_00_00000000.wav,hiss,1.0\n"
+        "streams/b/anomaly_id_00_00000000.wav,hum,0.5\n")
+    # one folder up, as `harken synth` writes it: not a stream set's labels
+    (tmp_path / "labels.csv").write_text("file,fault,severity\nanomaly_id_00_00000000.wav,other,1\n")
+    _, faulty, skipped = score_stream_folders(_LoudnessDetector(), root, hop_s=10.0)
+    assert skipped == 0
+    got = {s.name: (s.fault, s.severity) for s in faulty}
+    assert got == {"a": ("hiss", 1.0), "b": ("hum", 0.5), "c": (None, None)}
+    assert all(s.fault_start_s == 10.0 for s in faulty)
