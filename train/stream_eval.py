@@ -191,7 +191,7 @@ def _stream_from_files(detector, name: str, files: list[Path], hop_s: float,
                        root: Path | None = None) -> StreamScores | None:
     """Files played back to back: each file's windows shifted by the files before it. labels:
     labels.csv's file (relative to root, else the name) -> (fault, severity); the first
-    anomalous file's names the stream's fault."""
+    anomalous file's labels name the stream's fault."""
     offsets, t, fault_start, mids = {}, 0.0, None, set()
     fault, severity = None, None
     for f in files:
