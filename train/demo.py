@@ -137,7 +137,7 @@ def run_pretrained_step(data: Path, model: Path, *, progress: bool) -> dict:
 
 
 def _rule_text(r) -> str:
-    what = r.describe().split(", threshold ")[0]  # "rule ewma lambda 0.2, cap 3"
+    what = f"rule {r.rule_words()}"
     level = (f"score {r.threshold:.3g}" if r.rule == "kofn" else
              f"{r.threshold:.3g} standard deviations of normal scores")
     budget = "" if r.budget_per_day is None else f" (budget {r.budget_per_day:.3g} a day)"

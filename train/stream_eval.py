@@ -68,7 +68,7 @@ def alarm_times(stream: StreamScores, resolved: ResolvedAlarm, hold_s: float) ->
 
 
 def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resolve, hold_s: float,
-                   within_s: float = DETECT_WITHIN_S) -> dict:
+                   within_s: float = DETECT_WITHIN_S, *, per_fault: bool = True) -> dict:
     """Observed against expected false alarms on the healthy streams, and for the faulty ones
     the share alarmed (within `within_s` of the fault) and the delays. resolve(machine_id) gives
     the ResolvedAlarm of that ID's source."""
@@ -97,6 +97,7 @@ def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resol
         expected_sum += (r.expected_per_day or 0.0) * days
     delays, alarmed, tp, n_fault_windows = [], 0, 0, 0
     early = 0  # alarms before the fault started: false alarms in the healthy lead-in
+    first_delay: list[float | None] = []  # per faulty stream: its first alarm after the fault
     for s in faulty:
         r = res(s.machine_id)
         times = alarm_times(s, r, hold_s)
@@ -106,6 +107,7 @@ def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resol
         faulty_windows = s.starts_s + s.window_s > s.fault_start_s
         tp += int((s.scores[faulty_windows] > r.window_threshold).sum())
         n_fault_windows += int(faulty_windows.sum())
+        first_delay.append(after[0] if after else None)
         if after:
             alarmed += 1
             delays.append(after[0])
@@ -127,18 +129,15 @@ def stream_figures(normal: list[StreamScores], faulty: list[StreamScores], resol
         "delay_s_p90": round(float(np.quantile(d, 0.9)), 3) if len(d) else None,
         "lead_in_false_alarms": early,
         "per_id": per_id,
-        "per_fault": fault_breakdown(normal, faulty, res, hold_s, within_s),
+        **({"per_fault": fault_breakdown(normal, faulty, first_delay, within_s)}
+           if per_fault else {}),
     }
 
 
-def _group_figures(streams: list[StreamScores], res, hold_s: float, within_s: float,
+def _group_figures(streams: list[StreamScores], delays: list[float | None], within_s: float,
                    healthy: dict) -> dict:
-    hit, fault_scores = [], []
+    hit, fault_scores = [d for d in delays if d is not None], []
     for s in streams:
-        after = [t - s.fault_start_s for t in alarm_times(s, res(s.machine_id), hold_s)
-                 if t > s.fault_start_s]
-        if after:
-            hit.append(after[0])
         if s.machine_id in healthy:
             fault_scores.append(s.scores[s.starts_s + s.window_s > s.fault_start_s])
     # this group's faulty windows against the healthy windows of its machine IDs (of the IDs
@@ -155,30 +154,34 @@ def _group_figures(streams: list[StreamScores], res, hold_s: float, within_s: fl
             "window_auc": window_auc}
 
 
-def fault_breakdown(normal: list[StreamScores], faulty: list[StreamScores], res, hold_s: float,
-                    within_s: float = DETECT_WITHIN_S) -> dict:
+def fault_breakdown(normal: list[StreamScores], faulty: list[StreamScores],
+                    delays: list[float | None], within_s: float = DETECT_WITHIN_S) -> dict:
     """Per fault type, and per severity within it: the share of streams alarmed (within
     `within_s`), the median delay, and the window AUC (the type's faulty windows against the
     healthy windows of the same machine IDs: how far apart single windows are, before any
-    rule). Streams without a fault label are grouped as "unknown"; {} without faulty streams."""
+    rule). delays: each faulty stream's first alarm after its fault (None: none), as
+    stream_figures found them. Streams without a fault label are grouped as "unknown"; {}
+    without faulty streams."""
     healthy = {}
     for s in normal:
         healthy.setdefault(s.machine_id, []).append(s.scores)
     healthy = {m: np.concatenate(v) for m, v in healthy.items()}
     groups: dict = {}
-    for s in faulty:
-        groups.setdefault(s.fault or "unknown", []).append(s)
+    for s, d in zip(faulty, delays):
+        groups.setdefault(s.fault or "unknown", []).append((s, d))
+
+    def figures(members):
+        return _group_figures([s for s, _ in members], [d for _, d in members], within_s, healthy)
+
     out = {}
     for name in sorted(groups):
-        entry = _group_figures(groups[name], res, hold_s, within_s, healthy)
+        entry = figures(groups[name])
         by_sev: dict = {}
-        for s in groups[name]:
+        for s, d in groups[name]:
             if s.severity is not None:
-                by_sev.setdefault(round(float(s.severity), 3), []).append(s)
+                by_sev.setdefault(round(float(s.severity), 3), []).append((s, d))
         if by_sev:
-            entry["by_severity"] = {f"{sev:g}": _group_figures(by_sev[sev], res, hold_s,
-                                                                within_s, healthy)
-                                    for sev in sorted(by_sev)}
+            entry["by_severity"] = {f"{sev:g}": figures(by_sev[sev]) for sev in sorted(by_sev)}
         out[name] = entry
     return out
 
@@ -283,7 +286,7 @@ def sweep(normal, faulty, alarm, resolve_at, budgets=SWEEP_BUDGETS) -> dict[str,
         rows = []
         for b in budgets:
             a = dataclasses.replace(alarm, rule=rule, false_alarms_per_day=b, threshold=None)
-            fig = stream_figures(normal, faulty, resolve_at(a), a.hold_s)
+            fig = stream_figures(normal, faulty, resolve_at(a), a.hold_s, per_fault=False)
             rows.append({"budget_per_day": b, **{k: v for k, v in fig.items() if k != "per_id"}})
         curves[rule] = rows
     return curves

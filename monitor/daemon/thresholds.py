@@ -53,10 +53,14 @@ class ResolvedAlarm:
                              cap=self.score_cap)
         return KOfNRule(self.k, self.n)
 
-    def describe(self) -> str:
+    def rule_words(self) -> str:
+        """The rule and its settings: "2 of 3", "ewma lambda 0.2, cap 3"."""
         cap = "" if self.score_cap is None else f", cap {self.score_cap:g}"
-        what = {"kofn": f"{self.k} of {self.n}", "ewma": f"ewma lambda {self.ewma_lambda:g}{cap}",
+        return {"kofn": f"{self.k} of {self.n}", "ewma": f"ewma lambda {self.ewma_lambda:g}{cap}",
                 "cusum": f"cusum k {self.cusum_k:g}{cap}"}[self.rule]
+
+    def describe(self) -> str:
+        what = self.rule_words()
         where = ("alarm.threshold in the config" if self.origin == "config"
                  else f"budget {self.budget_per_day:.4g}/day" if self.origin == "budget"
                  else "the model's stored threshold (no calibrated tail)")
