@@ -281,12 +281,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
+    from monitor.errors import run_script
 
-    from monitor.errors import HarkenError
-
-    try:
-        sys.exit(main())
-    except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
-        print(f"python -m bench.feature_check: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, "python -m bench.feature_check")

@@ -168,12 +168,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
+    from monitor.errors import run_script
 
-    from monitor.errors import HarkenError
-
-    try:
-        raise SystemExit(main())
-    except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
-        print(f"{getattr(__spec__, 'name', sys.argv[0])}: error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
+    run_script(main, "python -m bench.segment_check")

@@ -27,3 +27,17 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first non-empty line (or its type's name), for one-line messages."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def run_script(main, prog: str) -> None:
+    """Exit with main()'s return code; a HarkenError (a user mistake: a bad --out, a data set in
+    the way) becomes one `prog: error: ...` line on stderr and its exit code, no traceback.
+    For the `python -m` benchmarks, which run outside `harken`'s own CLI."""
+    import sys
+
+    try:
+        code = main()
+    except HarkenError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    sys.exit(code)

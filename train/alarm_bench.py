@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -179,10 +178,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from monitor.errors import HarkenError
+    from monitor.errors import run_script
 
-    try:
-        sys.exit(main())
-    except HarkenError as exc:  # a bad --out, a data set in the way: one line, no traceback
-        print(f"{getattr(__spec__, 'name', sys.argv[0])}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, "python -m train.alarm_bench")
