@@ -5,7 +5,7 @@
 The alarm benchmark's misses are rail damage and the bearing's outer race at severities
 0.5-0.75 (README, "What it does not reach"): trains of short impacts whose energy lies 5-15 dB
 below the healthy machine in every band. Condition monitoring's answers to such faults are
-impulsiveness statistics, so this measures four on `train.alarm_bench`'s exact model, healthy
+impulsiveness statistics, so this measures five on `train.alarm_bench`'s exact model, healthy
 clips and fault clips (the fault part of each faulty stream), each scored by a per-ID diagonal
 Gaussian of the 60 training clips per ID (sum of squared z, `DiagScorer`'s form):
 - `kurtosis`: spectral kurtosis, log(E[P^2] / E[P]^2) of each mel band's power over the
@@ -14,8 +14,11 @@ Gaussian of the 60 training clips per ID (sum of squared z, `DiagScorer`'s form)
   spectrum (Welch, 1-s segments) over its median in 5-490 Hz: bearings ring at a defect rate;
 - `quantiles`: per 500-Hz band of the same STFT, the 90th and 99th percentiles of log power over
   the frames, less the median: impacts lift the upper quantiles, steady noise does not;
+- `profile`: the whole envelope spectrum of the same 1-kHz bands, log power in 3.9-Hz bins over
+  8-488 Hz (8 x 122 values), with only z > 0 counted: a line at any modulation rate the healthy
+  machine does not make, where `envelope` keeps one peak-over-median number per band;
 - `one-sided`: the stats encoder's level view with only z > 0 counted (louder than normal).
-And `default+quantiles`, `default+envelope`: the default model's score and that candidate's,
+And `default+quantiles`, `default+envelope`, `default+profile`: the default model's score and that candidate's,
 each standardised per ID on normal scores it did not train on (the daemon's standardisation for
 the default, 5 folds of the training clips for the candidate), averaged 3:1 (the weight a fourth
 fusion member would get).
@@ -79,6 +82,21 @@ def envelope(waves: torch.Tensor, seg: int = 1024) -> torch.Tensor:
     return torch.log(band.amax(dim=2) / band.median(dim=2).values.clamp_min(1e-30))
 
 
+def profile(waves: torch.Tensor, seg: int = 1024, width_hz: float = 4.0) -> torch.Tensor:
+    hop = 16
+    env = _bands(_power(waves, 64, hop), 4).transpose(1, 2)  # (batch, 8 bands, frames) at 1 kHz
+    env = env / env.mean(dim=2, keepdim=True).clamp_min(1e-30)
+    segs = env.unfold(2, seg, seg // 2)
+    segs = (segs - segs.mean(dim=3, keepdim=True)) * torch.hann_window(seg)
+    psd = (torch.fft.rfft(segs, dim=3).abs() ** 2).mean(dim=2)  # (batch, bands, seg // 2 + 1)
+    freq = np.fft.rfftfreq(seg, hop / SAMPLE_RATE_HZ)
+    psd = psd[:, :, torch.from_numpy((freq >= 8) & (freq < 488))]
+    per_bin = int(round(width_hz / freq[1]))  # the strongest 0.98-Hz line in each 3.9-Hz bin
+    b, bands, f = psd.shape
+    psd = psd[:, :, :f // per_bin * per_bin].reshape(b, bands, f // per_bin, per_bin).amax(dim=3)
+    return torch.log(psd.clamp_min(1e-30)).reshape(b, -1)
+
+
 def quantiles(waves: torch.Tensor) -> torch.Tensor:
     logp = torch.log(_bands(_power(waves, 64, 16), 2) + 1e-12)  # (batch, frames, 16 bands)
     t = logp.shape[1]
@@ -86,7 +104,8 @@ def quantiles(waves: torch.Tensor) -> torch.Tensor:
     return torch.cat([logp.kthvalue(int(q * t), dim=1).values - median for q in (0.9, 0.99)], dim=1)
 
 
-FEATURES = {"kurtosis": kurtosis, "envelope": envelope, "quantiles": quantiles}
+FEATURES = {"kurtosis": kurtosis, "envelope": envelope, "profile": profile, "quantiles": quantiles}
+ONE_SIDED = ("level", "profile")  # scored on z > 0 only
 
 
 class _Diag:
@@ -107,13 +126,13 @@ class _Diag:
         return np.sqrt(((np.clip(z, 0, None) if one_sided else z) ** 2).sum(axis=1))
 
 
-def out_of_fold(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def out_of_fold(x: np.ndarray, ids: np.ndarray, one_sided: bool = False) -> np.ndarray:
     """Diagonal-Gaussian scores of the training vectors, each from a fit without its fold."""
     fold = np.arange(len(x)) % FOLDS
     out = np.zeros(len(x))
     for k in range(FOLDS):
         held = fold == k
-        out[held] = _Diag(x[~held], ids[~held]).score(x[held], ids[held])
+        out[held] = _Diag(x[~held], ids[~held]).score(x[held], ids[held], one_sided)
     return out
 
 
@@ -229,10 +248,10 @@ def run(out: Path, *, seed: int, hours: float, progress: bool = True) -> dict:
     for name in (*FEATURES, "level"):
         model = _Diag(train[name], train["id"])
         key = "one-sided" if name == "level" else name
-        scores[key] = (model.score(healthy[name], hid, name == "level"),
-                       model.score(fault[name], fid, name == "level"))
-    for name in ("quantiles", "envelope"):
-        oof = np.log(out_of_fold(train[name], train["id"]))
+        scores[key] = (model.score(healthy[name], hid, name in ONE_SIDED),
+                       model.score(fault[name], fid, name in ONE_SIDED))
+    for name in ("quantiles", "envelope", "profile"):
+        oof = np.log(out_of_fold(train[name], train["id"], name in ONE_SIDED))
         ref = {int(m): (oof[train["id"] == m].mean(), oof[train["id"] == m].std())
                for m in np.unique(train["id"])}
         scores[f"default+{name}"] = tuple(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.feature_check import _Diag, envelope, kurtosis, out_of_fold, quantiles, window_figures
+from bench.feature_check import (_Diag, envelope, kurtosis, out_of_fold, profile, quantiles,
+                                 window_figures)
 
 FS = 16000
 
@@ -55,6 +56,27 @@ def test_envelope_peaks_where_a_band_is_modulated_at_a_defect_rate():
     e = _feature(envelope, steady, modulated)
     assert e[1, 4] - e[0, 4] > 1.5  # the 4-5 kHz band's envelope spectrum has a peak
     assert np.abs(e[1, :3] - e[0, :3]).max() < 1.0
+
+
+def test_profile_has_a_line_at_the_modulation_rate_in_the_modulated_band_only():
+    rng = np.random.default_rng(3)
+    noise = _noise(seed=4)
+    t = np.arange(noise.size) / FS
+    spec = np.fft.rfft(rng.standard_normal(noise.size) * 0.05)
+    f = np.fft.rfftfreq(noise.size, 1 / FS)
+    spec[(f < 4000) | (f > 5000)] = 0
+    band = np.fft.irfft(spec, noise.size)
+    steady = noise + 3 * band
+    modulated = noise + 3 * band * (1 + 0.9 * np.sin(2 * np.pi * 120 * t))
+    p = _feature(profile, steady, modulated).reshape(2, 8, -1)  # 8 bands x 3.9-Hz bins
+    grid = np.fft.rfftfreq(1024, 16 / FS)  # the envelope's 1-s segments at 1 kHz
+    grid = grid[(grid >= 8) & (grid < 488)]
+    assert p.shape[2] == grid.size // 4
+    line = int(np.argmin(np.abs(grid - 120))) // 4
+    rise = p[1] - p[0]
+    assert rise[4, line] > 3.0  # the 4-5 kHz band, the 120-Hz bin
+    assert np.median(np.abs(rise[4])) < 1.0  # the rest of that band's profile barely moves
+    assert np.abs(rise[:3, line]).max() < 1.0  # bands far below it do not see the line
 
 
 def test_diag_scores_count_only_louder_dimensions_when_one_sided():
