@@ -70,26 +70,26 @@ def kurtosis(waves: torch.Tensor) -> torch.Tensor:
     return torch.log((mel**2).mean(dim=1) / mel.mean(dim=1).pow(2).clamp_min(1e-30))
 
 
-def envelope(waves: torch.Tensor, seg: int = 1024) -> torch.Tensor:
+def _envelope_psd(waves: torch.Tensor, seg: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Welch spectrum of each 1-kHz band's power envelope (4 ms / 1 ms STFT, `seg`-frame
+    segments): (batch, 8 bands, seg // 2 + 1) and its modulation frequencies (Hz)."""
     hop = 16
     env = _bands(_power(waves, 64, hop), 4).transpose(1, 2)  # (batch, 8 bands, frames) at 1 kHz
     env = env / env.mean(dim=2, keepdim=True).clamp_min(1e-30)
     segs = env.unfold(2, seg, seg // 2)  # (batch, bands, segments, seg)
     segs = (segs - segs.mean(dim=3, keepdim=True)) * torch.hann_window(seg)
-    psd = (torch.fft.rfft(segs, dim=3).abs() ** 2).mean(dim=2)  # (batch, bands, seg // 2 + 1)
-    freq = np.fft.rfftfreq(seg, hop / SAMPLE_RATE_HZ)
+    psd = (torch.fft.rfft(segs, dim=3).abs() ** 2).mean(dim=2)
+    return psd, np.fft.rfftfreq(seg, hop / SAMPLE_RATE_HZ)
+
+
+def envelope(waves: torch.Tensor, seg: int = 1024) -> torch.Tensor:
+    psd, freq = _envelope_psd(waves, seg)
     band = psd[:, :, torch.from_numpy((freq >= 5) & (freq <= 490))]
     return torch.log(band.amax(dim=2) / band.median(dim=2).values.clamp_min(1e-30))
 
 
 def profile(waves: torch.Tensor, seg: int = 1024, width_hz: float = 4.0) -> torch.Tensor:
-    hop = 16
-    env = _bands(_power(waves, 64, hop), 4).transpose(1, 2)  # (batch, 8 bands, frames) at 1 kHz
-    env = env / env.mean(dim=2, keepdim=True).clamp_min(1e-30)
-    segs = env.unfold(2, seg, seg // 2)
-    segs = (segs - segs.mean(dim=3, keepdim=True)) * torch.hann_window(seg)
-    psd = (torch.fft.rfft(segs, dim=3).abs() ** 2).mean(dim=2)  # (batch, bands, seg // 2 + 1)
-    freq = np.fft.rfftfreq(seg, hop / SAMPLE_RATE_HZ)
+    psd, freq = _envelope_psd(waves, seg)
     psd = psd[:, :, torch.from_numpy((freq >= 8) & (freq < 488))]
     per_bin = int(round(width_hz / freq[1]))  # the strongest 0.98-Hz line in each 3.9-Hz bin
     b, bands, f = psd.shape
