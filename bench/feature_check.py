@@ -18,10 +18,10 @@ Gaussian of the 60 training clips per ID (sum of squared z, `DiagScorer`'s form)
   8-488 Hz (8 x 122 values), with only z > 0 counted: a line at any modulation rate the healthy
   machine does not make, where `envelope` keeps one peak-over-median number per band;
 - `one-sided`: the stats encoder's level view with only z > 0 counted (louder than normal).
-And `default+quantiles`, `default+envelope`, `default+profile`: the default model's score and that candidate's,
-each standardised per ID on normal scores it did not train on (the daemon's standardisation for
-the default, 5 folds of the training clips for the candidate), averaged 3:1 (the weight a fourth
-fusion member would get).
+And `default+quantiles`, `default+envelope`, `default+profile`: the default model's score and
+that candidate's, each standardised per ID on normal scores it did not train on (the daemon's
+standardisation for the default, 5 folds of the training clips for the candidate), averaged 3:1
+(the weight a fourth fusion member would get).
 
 Prints, per fault type, the share of fault windows above the ID's highest healthy window (a
 threshold near the window rate the one-a-week budget allows) at severities 0.5 / 0.625 / 0.75,

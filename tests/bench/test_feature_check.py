@@ -42,32 +42,27 @@ def test_sparse_clicks_raise_kurtosis_and_upper_quantiles_in_their_band_only():
     assert np.abs(p99[1, :4] - p99[0, :4]).max() < 0.5  # bands far below the clicks hardly move
 
 
-def test_envelope_peaks_where_a_band_is_modulated_at_a_defect_rate():
-    noise = _noise(seed=1)
+def _beating_band(noise_seed: int, band_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steady, modulated): broadband noise plus noise in the 4-5 kHz band, whose power beats
+    at 120 Hz in `modulated`, like impacts at a bearing's rate."""
+    noise = _noise(seed=noise_seed)
     t = np.arange(noise.size) / FS
-    high = np.random.default_rng(2).standard_normal(noise.size) * 0.05
-    # noise in the 4-5 kHz band whose power beats at 120 Hz, like impacts at a bearing's rate
-    spec = np.fft.rfft(high)
+    spec = np.fft.rfft(np.random.default_rng(band_seed).standard_normal(noise.size) * 0.05)
     f = np.fft.rfftfreq(noise.size, 1 / FS)
     spec[(f < 4000) | (f > 5000)] = 0
     band = np.fft.irfft(spec, noise.size)
-    modulated = noise + 3 * band * (1 + 0.9 * np.sin(2 * np.pi * 120 * t))
-    steady = noise + 3 * band
+    return noise + 3 * band, noise + 3 * band * (1 + 0.9 * np.sin(2 * np.pi * 120 * t))
+
+
+def test_envelope_peaks_where_a_band_is_modulated_at_a_defect_rate():
+    steady, modulated = _beating_band(1, 2)
     e = _feature(envelope, steady, modulated)
     assert e[1, 4] - e[0, 4] > 1.5  # the 4-5 kHz band's envelope spectrum has a peak
     assert np.abs(e[1, :3] - e[0, :3]).max() < 1.0
 
 
 def test_profile_has_a_line_at_the_modulation_rate_in_the_modulated_band_only():
-    rng = np.random.default_rng(3)
-    noise = _noise(seed=4)
-    t = np.arange(noise.size) / FS
-    spec = np.fft.rfft(rng.standard_normal(noise.size) * 0.05)
-    f = np.fft.rfftfreq(noise.size, 1 / FS)
-    spec[(f < 4000) | (f > 5000)] = 0
-    band = np.fft.irfft(spec, noise.size)
-    steady = noise + 3 * band
-    modulated = noise + 3 * band * (1 + 0.9 * np.sin(2 * np.pi * 120 * t))
+    steady, modulated = _beating_band(4, 3)
     p = _feature(profile, steady, modulated).reshape(2, 8, -1)  # 8 bands x 3.9-Hz bins
     grid = np.fft.rfftfreq(1024, 16 / FS)  # the envelope's 1-s segments at 1 kHz
     grid = grid[(grid >= 8) & (grid < 488)]
